@@ -1,0 +1,99 @@
+"""Stop running-statistic updates while gamma/beta (and everything else) keep training.
+
+``requires_grad=False`` does not stop batch norm's running statistics, and ``model.train()``
+undoes a ``bn.eval()``. A freeze here is a property of the layer, not of its train/eval mode, so
+it survives ``model.train()`` until :func:`unfreeze_stats`. It works on bnkit layers (the
+``stats_frozen`` attribute) and on ``torch.nn`` batch-norm layers (through forward hooks that
+switch the layer for the duration of one call).
+
+``use_running=False`` (default): training-mode layers still normalize with the batch statistics.
+``use_running=True``: they normalize with the running statistics, as in eval, while gradients
+still flow to gamma, beta and the input.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .nn.batchnorm import BatchNormBase
+
+__all__ = ["freeze_stats", "unfreeze_stats", "frozen_stats", "stats_frozen_mode", "batch_norm_layers"]
+
+_HOOKS = "_bnkit_freeze_hooks"
+_MODE = "_bnkit_stats_frozen"
+
+
+def batch_norm_layers(model: torch.nn.Module):
+    """``(qualified_name, module)`` for every batch-norm layer (bnkit or torch.nn) in ``model``."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, _BatchNorm)]
+
+
+def _torch_pre_hook(module, args):
+    saved = (module.training, module.track_running_stats)
+    object.__setattr__(module, "_bnkit_saved_flags", saved)
+    if getattr(module, _MODE) == "running" and module.running_mean is not None:
+        module.training = False
+    else:
+        module.track_running_stats = False  # torch: batch statistics, no update, no count
+
+
+def _torch_post_hook(module, args, output):
+    module.training, module.track_running_stats = module._bnkit_saved_flags
+
+
+def stats_frozen_mode(module: torch.nn.Module):
+    """``None`` if the layer's statistics are live, else ``"batch"`` or ``"running"``."""
+    if isinstance(module, BatchNormBase):
+        return module.stats_frozen
+    return getattr(module, _MODE, None)
+
+
+def _set_mode(module: _BatchNorm, mode) -> None:
+    if isinstance(module, BatchNormBase):
+        module.stats_frozen = mode
+        return
+    for handle in getattr(module, _HOOKS, ()):
+        handle.remove()
+    if mode is None:
+        for attr in (_HOOKS, _MODE):
+            if hasattr(module, attr):
+                delattr(module, attr)
+        return
+    setattr(module, _MODE, mode)
+    setattr(module, _HOOKS, (module.register_forward_pre_hook(_torch_pre_hook),
+                             module.register_forward_hook(_torch_post_hook, always_call=True)))
+
+
+def freeze_stats(model: torch.nn.Module, use_running: bool = False) -> torch.nn.Module:
+    """Freeze the running statistics of every batch-norm layer in ``model`` (the model itself may be one).
+
+    Returns ``model``. Raises if the model has no batch-norm layer.
+    """
+    layers = batch_norm_layers(model)
+    if not layers:
+        raise ValueError(f"freeze_stats: {type(model).__name__} has no batch-norm layer")
+    for _, m in layers:
+        _set_mode(m, "running" if use_running else "batch")
+    return model
+
+
+def unfreeze_stats(model: torch.nn.Module) -> torch.nn.Module:
+    """Undo :func:`freeze_stats`: running statistics update again in training mode."""
+    for _, m in batch_norm_layers(model):
+        _set_mode(m, None)
+    return model
+
+
+@contextlib.contextmanager
+def frozen_stats(model: torch.nn.Module, use_running: bool = False):
+    """``with frozen_stats(model):`` freezes, then restores each layer's previous freeze state."""
+    layers = batch_norm_layers(model)
+    previous = [stats_frozen_mode(m) for _, m in layers]
+    freeze_stats(model, use_running)
+    try:
+        yield model
+    finally:
+        for (_, m), mode in zip(layers, previous):
+            _set_mode(m, mode)

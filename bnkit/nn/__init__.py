@@ -1,0 +1,4 @@
+"""The modules users hold."""
+from .batchnorm import STATS_FROZEN_MODES, BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormBase
+
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormBase", "STATS_FROZEN_MODES"]

@@ -1,0 +1,7 @@
+"""Statistics: momentum conventions, running-statistic updates, stable moments and merges."""
+from . import momentum
+from .moments import Moments, accumulation_dtype, batch_moments, reduce_dims, unbiased_factor
+from .running import update_running_stats
+
+__all__ = ["momentum", "Moments", "accumulation_dtype", "batch_moments", "reduce_dims", "unbiased_factor",
+           "update_running_stats"]

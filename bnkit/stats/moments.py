@@ -1,0 +1,84 @@
+"""Per-channel moments: computed stably, merged exactly.
+
+Statistics are accumulated in float32 (float64 for float64 input) whatever the input dtype.
+``torch.var_mean`` is a Welford/two-pass reduction, so a channel with mean 1e4 and std 0.1 keeps
+its variance (the naive ``E[x^2] - E[x]^2`` in float32 would return noise or a negative number).
+
+Merging uses Chan et al.'s pairwise formula on ``(count, mean, M2)``, where ``M2`` is the sum of
+squared deviations from the mean; no cancellation, and the result is the statistics of the
+concatenated data, whatever the sizes of the parts.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["accumulation_dtype", "reduce_dims", "batch_moments", "Moments", "unbiased_factor"]
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; every other floating dtype accumulates in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def reduce_dims(ndim: int) -> tuple[int, ...]:
+    """All dimensions of an ``(N, C, *)`` tensor but the channel dimension 1."""
+    return (0,) + tuple(range(2, ndim))
+
+
+def batch_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(mean, biased_var)`` per channel of an ``(N, C, *)`` tensor, in the accumulation dtype.
+
+    Differentiable: autograd through it gives batch norm's exact training gradient.
+    """
+    var, mean = torch.var_mean(x.to(accumulation_dtype(x.dtype)), dim=reduce_dims(x.dim()), correction=0)
+    return mean, var
+
+
+def unbiased_factor(n: int) -> float:
+    """Bessel's correction ``n / (n - 1)``, which turns a biased variance of n values into an unbiased one."""
+    return n / (n - 1)
+
+
+@dataclass
+class Moments:
+    """Per-channel ``count``, ``mean`` and ``m2`` (sum of squared deviations): mergeable statistics.
+
+    >>> a = Moments.of(torch.tensor([[1.0], [2.0]]))
+    >>> b = Moments.of(torch.tensor([[4.0], [5.0], [6.0]]))
+    >>> m = a.merge(b)
+    >>> m.mean.item(), m.var(unbiased=True).item()
+    (3.6, 4.3)
+    """
+
+    count: torch.Tensor
+    mean: torch.Tensor
+    m2: torch.Tensor
+
+    @classmethod
+    def of(cls, x: torch.Tensor) -> "Moments":
+        """Moments of an ``(N, C, *)`` tensor, in the accumulation dtype (no gradient)."""
+        with torch.no_grad():
+            mean, var = batch_moments(x)
+        n = x.numel() // x.shape[1] if x.dim() > 1 and x.shape[1] else 0
+        count = torch.full_like(mean, float(n))
+        return cls(count, mean, var * n)
+
+    @classmethod
+    def zeros(cls, channels: int, dtype=torch.float32, device=None) -> "Moments":
+        z = torch.zeros(channels, dtype=dtype, device=device)
+        return cls(z.clone(), z.clone(), z.clone())
+
+    def merge(self, other: "Moments") -> "Moments":
+        """Chan's merge; counts of zero on either side are handled (the other side is returned)."""
+        n = self.count + other.count
+        safe_n = torch.where(n > 0, n, torch.ones_like(n))
+        delta = other.mean - self.mean
+        mean = self.mean + delta * (other.count / safe_n)
+        m2 = self.m2 + other.m2 + delta * delta * (self.count * other.count / safe_n)
+        return Moments(n, mean, m2)
+
+    def var(self, unbiased: bool = False) -> torch.Tensor:
+        denom = self.count - 1 if unbiased else self.count
+        return self.m2 / torch.clamp(denom, min=1)
