@@ -39,7 +39,7 @@ class BatchNormBase(_TorchBatchNorm):
         num_features: C, the number of channels.
         eps: added to the variance for numerical stability. Default 1e-5 (Keras uses 1e-3).
         momentum: PyTorch's convention, the weight of the *new* batch (default 0.1), or ``None`` for
-            the cumulative average. Values >= 0.5 warn: they look like a Keras decay.
+            the cumulative average. Values >= 0.75 warn: they look like a Keras decay.
         affine: learnable ``weight`` (gamma) and ``bias`` (beta). Default True.
         track_running_stats: keep ``running_mean``, ``running_var`` and ``num_batches_tracked``.
         device, dtype: of the parameters and buffers.
@@ -51,6 +51,7 @@ class BatchNormBase(_TorchBatchNorm):
         total_steps: length of a named ramp schedule, in update steps.
         activation: ``None``/``"identity"``, ``"relu"``, ``"leaky_relu"`` or ``"silu"``, applied after the affine.
         negative_slope: of ``leaky_relu``.
+        bias: with ``affine=True``, whether beta is learned (torch's ``bias=`` keyword).
         nonfinite: a batch whose statistics are NaN/Inf: ``"skip"`` its running update (default, warns),
             ``"raise"``, or ``"propagate"`` (torch's behaviour).
 
@@ -64,7 +65,8 @@ class BatchNormBase(_TorchBatchNorm):
     def __init__(self, num_features: int, eps: float = 1e-5, momentum=_UNSET, affine: bool = True,
                  track_running_stats: bool = True, device=None, dtype=None, *, decay: float | None = None,
                  half_life: float | None = None, momentum_schedule=None, total_steps: int | None = None,
-                 activation: str | None = None, negative_slope: float = 0.01, nonfinite: str = "skip"):
+                 activation: str | None = None, negative_slope: float = 0.01, nonfinite: str = "skip",
+                 bias: bool = True):
         name = f"{type(self).__name__}({num_features})"
         if not isinstance(num_features, int) or num_features < 1:
             raise ValueError(f"{type(self).__name__}: num_features must be a positive int, got {num_features!r}")
@@ -73,7 +75,9 @@ class BatchNormBase(_TorchBatchNorm):
         given = momentum is not _UNSET
         resolved, convention = momentum_lib.resolve(name, momentum if given else 0.1, decay, half_life,
                                                     momentum_given=given)
-        super().__init__(num_features, eps, resolved, affine, track_running_stats, device, dtype)
+        # torch >= 2.6 has bias=; pass it only when asked for so older torch keeps working
+        super().__init__(num_features, eps, resolved, affine, track_running_stats, device, dtype,
+                         **({} if bias else {"bias": False}))
         self.momentum_convention = convention
         self.momentum_schedule = momentum_lib.make_schedule(name, momentum_schedule, resolved, total_steps)
         self.activation = check_activation(name, activation)
