@@ -18,13 +18,15 @@ import warnings
 
 import torch
 
-from .ops import check_activation, normalize
-from .stats import accumulation_dtype, batch_moments, unbiased_factor, update_running_stats
+from .ops import check_activation, normalize, normalize_running
+from .stats import batch_moments, unbiased_factor, update_running_stats
 from .validation import check_batch_size, check_input
 
-__all__ = ["batch_norm", "NONFINITE_POLICIES"]
+__all__ = ["batch_norm", "NONFINITE_POLICIES", "VARIANCE_KINDS"]
 
 NONFINITE_POLICIES = ("skip", "raise", "propagate")
+#: Which batch variance enters ``running_var``: torch's unbiased one, or the biased one (Keras 3, Flax).
+VARIANCE_KINDS = ("unbiased", "biased")
 
 
 def check_nonfinite_policy(name: str, policy: str) -> str:
@@ -38,8 +40,12 @@ def _is_compiling() -> bool:
 
 
 def batch_statistics_update(name: str, mean: torch.Tensor, var: torch.Tensor, n: int,
-                            running_mean, running_var, momentum, num_batches_tracked, nonfinite: str) -> None:
+                            running_mean, running_var, momentum, num_batches_tracked, nonfinite: str,
+                            variance: str = "unbiased") -> None:
     """Fold one batch's ``(mean, biased var)`` over ``n`` values into the running statistics.
+
+    ``running_var`` receives the unbiased variance (``var * n / (n - 1)``, torch) or, with
+    ``variance="biased"``, ``var`` itself (Keras 3, Flax).
 
     Shared by every layer that updates running statistics from batch statistics.
     """
@@ -60,7 +66,8 @@ def batch_statistics_update(name: str, mean: torch.Tensor, var: torch.Tensor, n:
         if num_batches_tracked is None:
             raise ValueError(f"{name}: momentum=None (cumulative average) needs num_batches_tracked")
         momentum = 1.0 / torch.clamp(num_batches_tracked, min=1).to(mean.dtype)
-    update_running_stats(running_mean, running_var, mean, var * unbiased_factor(n), momentum, keep)
+    stored_var = var * unbiased_factor(n) if variance == "unbiased" else var
+    update_running_stats(running_mean, running_var, mean, stored_var, momentum, keep)
 
 
 def batch_norm(input: torch.Tensor, running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
@@ -84,9 +91,7 @@ def batch_norm(input: torch.Tensor, running_mean: torch.Tensor | None, running_v
                                     "running_mean": running_mean, "running_var": running_var})
     use_batch = training or running_mean is None or running_var is None
     if not use_batch:
-        acc = accumulation_dtype(input.dtype)
-        return normalize(input, running_mean.to(acc), running_var.to(acc), weight, bias, eps,
-                         activation, negative_slope)
+        return normalize_running(input, running_mean, running_var, weight, bias, eps, activation, negative_slope)
     n = check_batch_size(name, input)
     mean, var = batch_moments(input)
     if training and (running_mean is not None or running_var is not None):

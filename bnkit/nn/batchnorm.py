@@ -10,9 +10,9 @@ from __future__ import annotations
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm as _TorchBatchNorm
 
-from ..functional import batch_statistics_update, check_nonfinite_policy
-from ..ops import check_activation, normalize
-from ..stats import accumulation_dtype, batch_moments
+from ..functional import VARIANCE_KINDS, batch_statistics_update, check_nonfinite_policy
+from ..ops import check_activation, normalize, normalize_running
+from ..stats import batch_moments
 from ..stats import momentum as momentum_lib
 from ..validation import check_batch_size, check_input
 
@@ -53,6 +53,8 @@ class BatchNormBase(_TorchBatchNorm):
         negative_slope: of ``leaky_relu``.
         nonfinite: a batch whose statistics are NaN/Inf: ``"skip"`` its running update (default, warns),
             ``"raise"``, or ``"propagate"`` (torch's behaviour).
+        variance: which batch variance the running update stores: ``"unbiased"`` (default, torch) or
+            ``"biased"`` (Keras 3, Flax; see :func:`bnkit.from_keras`).
 
     Shape:
         Input ``(N, C, *)``; output the same shape, dtype and memory format.
@@ -60,16 +62,20 @@ class BatchNormBase(_TorchBatchNorm):
 
     _expected_dims: tuple[int, ...] = ()
     _dims_doc = "(N, C, *)"
+    _min_features = 1  # lazy layers start with 0 channels, as torch's do
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum=_UNSET, affine: bool = True,
                  track_running_stats: bool = True, device=None, dtype=None, *, decay: float | None = None,
                  half_life: float | None = None, momentum_schedule=None, total_steps: int | None = None,
-                 activation: str | None = None, negative_slope: float = 0.01, nonfinite: str = "skip"):
+                 activation: str | None = None, negative_slope: float = 0.01, nonfinite: str = "skip",
+                 variance: str = "unbiased"):
         name = f"{type(self).__name__}({num_features})"
-        if not isinstance(num_features, int) or num_features < 1:
+        if not isinstance(num_features, int) or num_features < self._min_features:
             raise ValueError(f"{type(self).__name__}: num_features must be a positive int, got {num_features!r}")
         if not eps >= 0:
             raise ValueError(f"{name}: eps must be >= 0, got {eps}")
+        if variance not in VARIANCE_KINDS:
+            raise ValueError(f"{name}: variance must be one of {VARIANCE_KINDS}, got {variance!r}")
         given = momentum is not _UNSET
         resolved, convention = momentum_lib.resolve(name, momentum if given else 0.1, decay, half_life,
                                                     momentum_given=given)
@@ -79,6 +85,7 @@ class BatchNormBase(_TorchBatchNorm):
         self.activation = check_activation(name, activation)
         self.negative_slope = negative_slope
         self.nonfinite = check_nonfinite_policy(name, nonfinite)
+        self.variance = variance
         self.stats_frozen = None
 
     @property
@@ -117,20 +124,22 @@ class BatchNormBase(_TorchBatchNorm):
         """The torch-convention momentum for this update (None: cumulative average)."""
         if self.momentum_schedule is None:
             return self.momentum
+        if isinstance(self.momentum_schedule, momentum_lib.Schedule) and self.num_batches_tracked is not None:
+            return self.momentum_schedule(self.num_batches_tracked + 1)  # on the device: no host sync
         step = 1 + (int(self.num_batches_tracked) if self.num_batches_tracked is not None else 0)
         return float(self.momentum_schedule(step))
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         self._check(input)
         if not self._uses_batch_stats():
-            acc = accumulation_dtype(input.dtype)
-            return normalize(input, self.running_mean.to(acc), self.running_var.to(acc), self.weight, self.bias,
-                             self.eps, self.activation, self.negative_slope)
+            return normalize_running(input, self.running_mean, self.running_var, self.weight, self.bias,
+                                     self.eps, self.activation, self.negative_slope)
         n = check_batch_size(self.layer_name, input)
         mean, var = batch_moments(input)
         if self._updates_running_stats():
             batch_statistics_update(self.layer_name, mean, var, n, self.running_mean, self.running_var,
-                                    self._update_momentum(), self.num_batches_tracked, self.nonfinite)
+                                    self._update_momentum(), self.num_batches_tracked, self.nonfinite,
+                                    self.variance)
         return normalize(input, mean, var, self.weight, self.bias, self.eps, self.activation, self.negative_slope)
 
     def extra_repr(self) -> str:
@@ -147,6 +156,8 @@ class BatchNormBase(_TorchBatchNorm):
             s += f", nonfinite={self.nonfinite!r}"
         if self.stats_frozen is not None:
             s += f", stats_frozen={self.stats_frozen!r}"
+        if self.variance != "unbiased":
+            s += f", variance={self.variance!r}"
         return s
 
 
