@@ -6,9 +6,11 @@ the whole matrix costs one compilation per mode; compiling is slow on small CPU 
 """
 import copy
 
+import numpy as np
 import torch
 
 import bnkit
+from bnkit import reference
 
 
 def _model() -> torch.nn.Module:
@@ -57,8 +59,25 @@ def test_compile_fullgraph_matches_eager_train_and_eval():
 def test_named_schedule_needs_no_host_sync():
     # The schedule is evaluated on num_batches_tracked as a tensor: the same factors as the int path.
     sched = bnkit.momentum.cosine_ramp(10, start=0.1)
-    steps = torch.arange(1, 15)
+    steps = torch.arange(1, 15, dtype=torch.float64)
     on_device = sched(steps)
-    assert isinstance(on_device, torch.Tensor)
-    expected = torch.tensor([sched(int(s)) for s in steps])
-    torch.testing.assert_close(on_device, expected, rtol=1e-6, atol=0)
+    assert isinstance(on_device, torch.Tensor) and on_device.dtype == torch.float64
+    expected = torch.tensor([sched(int(s)) for s in steps], dtype=torch.float64)
+    torch.testing.assert_close(on_device, expected, rtol=1e-14, atol=0)
+    for kind in ("constant", "linear"):
+        s = bnkit.momentum.Schedule(kind, 0.2, 4)
+        torch.testing.assert_close(s(steps), torch.tensor([s(int(k)) for k in steps], dtype=torch.float64))
+
+
+def test_named_schedule_layer_matches_reference_float64():
+    layer = bnkit.BatchNorm1d(3, momentum_schedule="cosine", total_steps=4, dtype=torch.float64)
+    sched = layer.momentum_schedule
+    mean, var = np.zeros(3), np.ones(3)
+    gen = torch.Generator().manual_seed(0)
+    for step in range(1, 6):
+        x = torch.randn(7, 3, generator=gen, dtype=torch.float64) * step
+        layer(x)
+        _, batch_mean, batch_var = reference.forward_train(x.numpy())
+        mean, var = reference.update_running(mean, var, batch_mean, batch_var, 7, sched(step))
+        np.testing.assert_allclose(layer.running_mean.numpy(), mean, rtol=1e-12, atol=1e-14)
+        np.testing.assert_allclose(layer.running_var.numpy(), var, rtol=1e-12, atol=1e-14)

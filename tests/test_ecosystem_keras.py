@@ -81,6 +81,8 @@ def test_from_keras_errors():
         bnkit.from_keras(w[:3] + [np.ones(4)], ndim=4)
     with pytest.raises(ValueError, match="unknown weight name"):
         bnkit.from_keras({"moving_mean": w[0], "moving_varaince": w[0]}, ndim=4)
+    with pytest.raises(ValueError, match=r"BatchNorm2d\(3\): variance must be one of .*'population'"):
+        bnkit.BatchNorm2d(3, variance="population")
 
 
 def test_to_keras_round_trip():

@@ -12,7 +12,7 @@ from torch.nn.modules.batchnorm import _BatchNorm as _TorchBatchNorm
 
 from ..functional import VARIANCE_KINDS, batch_statistics_update, check_nonfinite_policy
 from ..ops import check_activation, normalize, normalize_running
-from ..stats import batch_moments
+from ..stats import accumulation_dtype, batch_moments
 from ..stats import momentum as momentum_lib
 from ..validation import check_batch_size, check_input
 
@@ -125,7 +125,9 @@ class BatchNormBase(_TorchBatchNorm):
         if self.momentum_schedule is None:
             return self.momentum
         if isinstance(self.momentum_schedule, momentum_lib.Schedule) and self.num_batches_tracked is not None:
-            return self.momentum_schedule(self.num_batches_tracked + 1)  # on the device: no host sync
+            # Evaluated on the device (no host sync), in the statistics' precision.
+            step = self.num_batches_tracked.to(accumulation_dtype(self.running_mean.dtype)) + 1
+            return self.momentum_schedule(step)
         step = 1 + (int(self.num_batches_tracked) if self.num_batches_tracked is not None else 0)
         return float(self.momentum_schedule(step))
 

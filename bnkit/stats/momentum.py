@@ -137,8 +137,8 @@ class Schedule:
         return t if self.kind == "linear" else 0.5 - 0.5 * _cos(math.pi * t)
 
     def __call__(self, step):
-        """``step`` is an int, or an integer tensor (then the result is a float tensor on its device:
-        layers pass ``num_batches_tracked + 1`` so no host sync happens, eager or compiled)."""
+        """``step`` is an int, or a tensor (then the result is a tensor on its device: layers pass
+        ``num_batches_tracked + 1`` as a float tensor, so no host sync happens, eager or compiled)."""
         a = self.ramp(step)
         return (1.0 - a) * self.start + a / _clip(step, 1, None)
 
