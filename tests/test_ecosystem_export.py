@@ -61,9 +61,11 @@ def test_eager_eval_keeps_the_accurate_formula():
     assert err_bnkit < 1e-4 < err_torch
 
 
-onnx = pytest.importorskip("onnx")
-ort = pytest.importorskip("onnxruntime")
-pytest.importorskip("onnxscript")
+@pytest.fixture(scope="module")
+def onnx():
+    pytest.importorskip("onnxscript", reason="torch.onnx.export needs onnxscript (the test extra)")
+    pytest.importorskip("onnxruntime", reason="comparing with onnxruntime needs it (the test extra)")
+    return pytest.importorskip("onnx")
 
 
 def _onnx_ops(model_proto):
@@ -71,13 +73,15 @@ def _onnx_ops(model_proto):
 
 
 def _run_ort(path_or_bytes, x):
+    import onnxruntime as ort
+
     session = ort.InferenceSession(path_or_bytes, providers=["CPUExecutionProvider"])
     return torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
 
 
 @pytest.mark.parametrize("cls,kwargs", [(bnkit.BatchNorm1d, {}), (bnkit.BatchNorm2d, {"activation": "relu"}),
                                         (bnkit.BatchNorm3d, {"affine": False})])
-def test_onnx_dynamo_exporter_batch_normalization(cls, kwargs, tmp_path):
+def test_onnx_dynamo_exporter_batch_normalization(onnx, cls, kwargs, tmp_path):
     layer = _eval_layer(cls, **kwargs)
     x = torch.randn(*SHAPES[cls])
     program = torch.onnx.export(layer, (x,), dynamo=True, verbose=False)  # torch 2.13's default exporter
@@ -89,7 +93,7 @@ def test_onnx_dynamo_exporter_batch_normalization(cls, kwargs, tmp_path):
     torch.testing.assert_close(_run_ort(str(path), x), layer(x), rtol=1e-5, atol=1e-5)
 
 
-def test_onnx_legacy_exporter_batch_normalization(tmp_path):
+def test_onnx_legacy_exporter_batch_normalization(onnx, tmp_path):
     layer = _eval_layer(bnkit.BatchNorm2d)
     x = torch.randn(*SHAPES[bnkit.BatchNorm2d])
     path = tmp_path / "bn.onnx"
@@ -100,7 +104,7 @@ def test_onnx_legacy_exporter_batch_normalization(tmp_path):
     torch.testing.assert_close(_run_ort(str(path), x), layer(x), rtol=1e-5, atol=1e-5)
 
 
-def test_onnx_conv_bn_model_folds_and_matches(tmp_path):
+def test_onnx_conv_bn_model_folds_and_matches(onnx, tmp_path):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), bnkit.BatchNorm2d(8), torch.nn.ReLU(),
                                 torch.nn.Conv2d(8, 4, 1), bnkit.BatchNorm2d(4)).eval()
