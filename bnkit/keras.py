@@ -115,8 +115,8 @@ def from_keras(weights, ndim: int | None = None, *, epsilon: float | None = None
 
     >>> import numpy as np
     >>> bn = from_keras([np.ones(3), np.zeros(3), np.zeros(3), np.ones(3)], ndim=4)
-    >>> bn
-    BatchNorm2d(3, eps=0.001, momentum=0.01, affine=True, bias=True, track_running_stats=True, decay=0.99, variance='biased')
+    >>> type(bn).__name__, bn.eps, bn.momentum, bn.momentum_convention, bn.variance
+    ('BatchNorm2d', 0.001, 0.01, 'decay', 'biased')
     """
     settings = _layer_settings(weights) if _is_keras_layer(weights) else {}
     if settings:
