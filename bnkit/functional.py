@@ -30,7 +30,7 @@ from typing import Mapping, NamedTuple
 
 import torch
 
-from .ops import check_activation, normalize
+from .ops import check_activation, normalize, normalize_running
 from .stats import (accumulation_dtype, batch_moments, ema, example_weighted_moments, masked_moments,
                     unbiased_factor)
 from .validation import SINGLE_VALUE_FIXES, check_batch_size, check_input
@@ -168,9 +168,10 @@ def forward_core(name: str, x: torch.Tensor, weight, bias, running_mean, running
     acc = accumulation_dtype(x.dtype)
     new = None
     if not use_batch_stats:
-        mean, var = running_mean.to(acc), running_var.to(acc)
-        if example_weight is not None:
-            mean, var = example_weighted_moments(x, mean, var, example_weight)
+        if example_weight is None:
+            y = normalize_running(x, running_mean, running_var, weight, bias, eps, activation, negative_slope)
+            return (y if mask is None else torch.where(mask.unsqueeze(1), y, x)), None
+        mean, var = example_weighted_moments(x, running_mean.to(acc), running_var.to(acc), example_weight)
     else:
         if mask is not None:
             mean, var, n = masked_moments(x, mask)

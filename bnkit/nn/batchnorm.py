@@ -16,6 +16,7 @@ from torch.nn.modules.batchnorm import _BatchNorm as _TorchBatchNorm
 from ..functional import (SINGLE_SAMPLE_POLICIES, VARIANCE_KINDS, _channel_first, _check_choice, _check_mask,
                           _write_back, check_nonfinite_policy, forward_core, mask_from_lengths)
 from ..ops import check_activation
+from ..stats import accumulation_dtype
 from ..stats import momentum as momentum_lib
 from ..validation import check_input
 
@@ -80,6 +81,7 @@ class BatchNormBase(_TorchBatchNorm):
 
     _expected_dims: tuple[int, ...] = ()
     _dims_doc = "(N, C, *)"
+    _min_features = 1  # lazy layers start with 0 channels, as torch's do
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum=_UNSET, affine: bool = True,
                  track_running_stats: bool = True, device=None, dtype=None, *, decay: float | None = None,
@@ -88,7 +90,7 @@ class BatchNormBase(_TorchBatchNorm):
                  bias: bool = True, axis: int = 1, single_sample: str = "raise", example_weight=None,
                  variance: str = "unbiased"):
         name = f"{type(self).__name__}({num_features})"
-        if not isinstance(num_features, int) or num_features < 1:
+        if not isinstance(num_features, int) or num_features < self._min_features:
             raise ValueError(f"{type(self).__name__}: num_features must be a positive int, got {num_features!r}")
         if not eps >= 0:
             raise ValueError(f"{name}: eps must be >= 0, got {eps}")
@@ -148,6 +150,10 @@ class BatchNormBase(_TorchBatchNorm):
         """The torch-convention momentum for this update (None: cumulative average)."""
         if self.momentum_schedule is None:
             return self.momentum
+        if isinstance(self.momentum_schedule, momentum_lib.Schedule) and self.num_batches_tracked is not None:
+            # Evaluated on the device (no host sync), in the statistics' precision.
+            step = self.num_batches_tracked.to(accumulation_dtype(self.running_mean.dtype)) + 1
+            return self.momentum_schedule(step)
         step = 1 + (int(self.num_batches_tracked) if self.num_batches_tracked is not None else 0)
         return float(self.momentum_schedule(step))
 

@@ -8,10 +8,12 @@ statistics were produced (local, ghost, synced, renormalized), and ``torch.func`
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
+from ..stats import accumulation_dtype
 from .activations import apply_activation
 
-__all__ = ["normalize"]
+__all__ = ["normalize", "normalize_running", "is_exporting"]
 
 
 def _channel_view(v: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -35,3 +37,27 @@ def normalize(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, weight: to
     if bias is not None:
         y = y + _channel_view(bias.to(acc), x.dim())
     return apply_activation(y, activation, negative_slope).to(x.dtype)
+
+
+def is_exporting() -> bool:
+    """True while torch.export, torch.onnx.export (either exporter) or torch.jit.trace runs the model."""
+    return torch.compiler.is_exporting() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+
+
+def normalize_running(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor,
+                      weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
+                      activation: str = "identity", negative_slope: float = 0.01) -> torch.Tensor:
+    """Normalize with the running statistics (eval mode).
+
+    Eager and ``torch.compile``: :func:`normalize`, i.e. ``(x - mean) * scale + bias`` in the
+    accumulation dtype, which keeps channels whose mean is large next to their std accurate
+    (torch's eval kernel computes ``x * scale + shift`` and loses those digits to cancellation).
+    While exporting (:func:`is_exporting`): torch's own ``batch_norm(training=False)``, so the graph
+    holds one standard batch-norm node (ONNX ``BatchNormalization``) that runtimes run fused and
+    optimizers fold into the preceding convolution. Both agree to float rounding.
+    """
+    if is_exporting():
+        y = F.batch_norm(x, running_mean, running_var, weight, bias, training=False, momentum=0.0, eps=eps)
+        return apply_activation(y, activation, negative_slope)
+    acc = accumulation_dtype(x.dtype)
+    return normalize(x, running_mean.to(acc), running_var.to(acc), weight, bias, eps, activation, negative_slope)

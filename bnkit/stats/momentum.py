@@ -26,6 +26,8 @@ import math
 import warnings
 from typing import Callable, Union
 
+import torch
+
 __all__ = ["convert", "resolve", "constant", "linear_ramp", "cosine_ramp", "Schedule", "make_schedule",
            "KERAS_LOOKALIKE_THRESHOLD"]
 
@@ -100,6 +102,16 @@ def resolve(layer: str, momentum, decay=None, half_life=None, momentum_given: bo
     return m, "momentum"
 
 
+def _clip(v, lo, hi):
+    if isinstance(v, torch.Tensor):
+        return v.clamp(lo, hi)
+    return max(v, lo) if hi is None else min(max(v, lo), hi)
+
+
+def _cos(v):
+    return torch.cos(v) if isinstance(v, torch.Tensor) else math.cos(v)
+
+
 class Schedule:
     """A momentum schedule: ``schedule(step) -> torch momentum`` for update step ``step`` (1-based).
 
@@ -118,15 +130,17 @@ class Schedule:
             raise ValueError(f"the {kind!r} momentum schedule needs total_steps >= 1, got {total_steps}")
         self.kind, self.start, self.total_steps = kind, _to_momentum(start, "momentum"), total_steps
 
-    def ramp(self, step: int) -> float:
+    def ramp(self, step):
         if self.kind == "constant":
             return 0.0
-        t = min(max(step, 0) / self.total_steps, 1.0)
-        return t if self.kind == "linear" else 0.5 - 0.5 * math.cos(math.pi * t)
+        t = _clip(step / self.total_steps, 0.0, 1.0)
+        return t if self.kind == "linear" else 0.5 - 0.5 * _cos(math.pi * t)
 
-    def __call__(self, step: int) -> float:
+    def __call__(self, step):
+        """``step`` is an int, or a tensor (then the result is a tensor on its device: layers pass
+        ``num_batches_tracked + 1`` as a float tensor, so no host sync happens, eager or compiled)."""
         a = self.ramp(step)
-        return (1.0 - a) * self.start + a / max(step, 1)
+        return (1.0 - a) * self.start + a / _clip(step, 1, None)
 
     def __repr__(self) -> str:
         extra = "" if self.kind == "constant" else f", total_steps={self.total_steps}"

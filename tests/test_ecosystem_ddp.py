@@ -1,0 +1,70 @@
+"""DDP: a bnkit model trains under DistributedDataParallel exactly as the same torch.nn model does.
+
+Two local processes (gloo, spawn, a free port) each train a bnkit model and an identical torch.nn
+model, DDP-wrapped with the default ``broadcast_buffers=True``: at each forward rank 0's running
+statistics are broadcast, then each rank updates them with its own batch. Parameters, gradients
+and buffers of the two models must agree on every rank. (SyncBatchNorm under DDP is tested with
+the small-batch family.)
+"""
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as tnn
+
+import bnkit
+
+STEPS = 3
+
+
+def _model(bn2d, bn1d):
+    torch.manual_seed(0)  # same initial weights on both ranks and in both models
+    return tnn.Sequential(tnn.Conv2d(2, 4, 3), bn2d(4), tnn.ReLU(), tnn.Flatten(1), tnn.Linear(4 * 4 * 4, 3),
+                          bn1d(3, momentum=None))
+
+
+def _worker(rank, world, port, out_dir):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        results = {}
+        for name, (bn2d, bn1d) in {"bnkit": (bnkit.BatchNorm2d, bnkit.BatchNorm1d),
+                                   "torch": (tnn.BatchNorm2d, tnn.BatchNorm1d)}.items():
+            model = tnn.parallel.DistributedDataParallel(_model(bn2d, bn1d))
+            opt = torch.optim.SGD(model.parameters(), lr=0.1)
+            gen = torch.Generator().manual_seed(100 + rank)  # each rank its own data
+            for _ in range(STEPS):
+                x = torch.randn(5, 2, 6, 6, generator=gen) * (1 + rank) + rank
+                opt.zero_grad()
+                model(x).square().mean().backward()
+                opt.step()
+            results[name] = {k: v.detach().clone() for k, v in model.module.state_dict().items()}
+            results[name + "_grads"] = [p.grad.clone() for p in model.parameters()]
+        torch.save(results, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo")
+def test_ddp_trains_like_torch_nn(tmp_path):
+    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for rank, res in enumerate(ranks):
+        assert res["bnkit"].keys() == res["torch"].keys()
+        for key, ours in res["bnkit"].items():
+            torch.testing.assert_close(ours, res["torch"][key], rtol=1e-5, atol=1e-6, msg=f"rank {rank}: {key}")
+        for g_ours, g_theirs in zip(res["bnkit_grads"], res["torch_grads"]):
+            torch.testing.assert_close(g_ours, g_theirs, rtol=1e-5, atol=1e-6)
+        assert int(res["bnkit"]["1.num_batches_tracked"]) == STEPS
+    # DDP averaged the gradients: parameters agree across ranks; the running statistics do not (each rank
+    # updated rank 0's broadcast values with its own last batch), exactly as with torch.nn.
+    torch.testing.assert_close(ranks[0]["bnkit"]["1.weight"], ranks[1]["bnkit"]["1.weight"])
+    assert not torch.allclose(ranks[0]["bnkit"]["1.running_mean"], ranks[1]["bnkit"]["1.running_mean"])

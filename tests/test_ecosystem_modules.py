@@ -1,0 +1,149 @@
+"""Module protocol, side by side with torch.nn: lazy layers, torch.func.functional_call, deepcopy,
+pickling a whole model, .to(device, dtype), reset_running_stats() and reset_parameters()."""
+import copy
+import io
+
+import pytest
+import torch
+import torch.nn as tnn
+
+import bnkit
+
+PAIRS = [(bnkit.BatchNorm1d, tnn.BatchNorm1d, (6, 3, 5)), (bnkit.BatchNorm2d, tnn.BatchNorm2d, (4, 3, 3, 3)),
+         (bnkit.BatchNorm3d, tnn.BatchNorm3d, (2, 3, 2, 3, 2))]
+LAZY = [(bnkit.LazyBatchNorm1d, tnn.LazyBatchNorm1d, bnkit.BatchNorm1d, (6, 3)),
+        (bnkit.LazyBatchNorm2d, tnn.LazyBatchNorm2d, bnkit.BatchNorm2d, (4, 3, 3, 3)),
+        (bnkit.LazyBatchNorm3d, tnn.LazyBatchNorm3d, bnkit.BatchNorm3d, (2, 3, 2, 3, 2))]
+
+
+def _assert_same_state(ours, theirs, rtol=1e-6, atol=1e-6):
+    a, b = ours.state_dict(), theirs.state_dict()
+    assert list(a) == list(b)
+    for key in a:
+        assert a[key].dtype == b[key].dtype and a[key].device == b[key].device, key
+        torch.testing.assert_close(a[key], b[key], rtol=rtol, atol=atol, msg=key)
+
+
+def _train_steps(module, x, steps=2):
+    for k in range(steps):
+        module((x * (k + 1) + k).requires_grad_()).square().sum().backward()
+
+
+@pytest.mark.parametrize("lazy,torch_lazy,becomes,shape", LAZY)
+@pytest.mark.parametrize("affine,track", [(True, True), (False, True), (True, False)])
+def test_lazy_matches_torch_lazy(lazy, torch_lazy, becomes, shape, affine, track):
+    ours, theirs = lazy(affine=affine, track_running_stats=track), torch_lazy(affine=affine, track_running_stats=track)
+    assert ours.has_uninitialized_params() and theirs.has_uninitialized_params()
+    assert [k for k in ours.state_dict()] == [k for k in theirs.state_dict()]
+    x = torch.randn(*shape)
+    torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
+    assert type(ours) is becomes and ours.num_features == theirs.num_features == 3
+    _assert_same_state(ours, theirs)
+    _train_steps(ours, x), _train_steps(theirs, x)
+    _assert_same_state(ours, theirs, rtol=1e-5)
+
+
+def test_lazy_keeps_bnkit_options_and_loads_a_state_dict():
+    source = bnkit.BatchNorm2d(3, decay=0.9, activation="relu", variance="biased")
+    _train_steps(source, torch.randn(4, 3, 2, 2))
+    lazy = bnkit.LazyBatchNorm2d(decay=0.9, activation="relu", variance="biased")
+    lazy.load_state_dict(source.state_dict())  # torch's lazy load hook materializes from the checkpoint
+    _assert_same_state(lazy, source, rtol=0, atol=0)
+    x = torch.randn(4, 3, 2, 2)
+    torch.testing.assert_close(lazy(x), source(x), rtol=0, atol=0)
+    assert type(lazy) is bnkit.BatchNorm2d and lazy.num_features == 3
+    assert (lazy.activation, lazy.variance, lazy.momentum_convention) == ("relu", "biased", "decay")
+    _assert_same_state(lazy, source, rtol=0, atol=0)  # the training step above updated both alike
+
+
+def test_lazy_rejects_bad_first_input_before_materializing():
+    lazy = bnkit.LazyBatchNorm2d()
+    with pytest.raises(ValueError, match=r"LazyBatchNorm2d.*4-D.*3-D"):
+        lazy(torch.randn(2, 3, 4))
+    assert lazy.has_uninitialized_params()
+
+
+@pytest.mark.parametrize("ours_cls,theirs_cls,shape", PAIRS)
+def test_functional_call_with_external_state(ours_cls, theirs_cls, shape):
+    ours, theirs = ours_cls(3), theirs_cls(3)
+    x = torch.randn(*shape)
+    for momentum in (0.1, None):
+        ours.momentum = theirs.momentum = momentum
+        params = {k: v.clone() for k, v in theirs.state_dict().items()}
+        params["weight"] = torch.rand(3, requires_grad=True) + 0.5
+        params_ours = {k: v.detach().clone().requires_grad_(v.requires_grad) for k, v in params.items()}
+        y_t = torch.func.functional_call(theirs, params, (x,))
+        y_o = torch.func.functional_call(ours, params_ours, (x,))
+        torch.testing.assert_close(y_o, y_t, rtol=1e-5, atol=1e-5)
+        # Training-mode running statistics are updated in the passed tensors, not the module's buffers.
+        for key in ("running_mean", "running_var", "num_batches_tracked"):
+            torch.testing.assert_close(params_ours[key], params[key], msg=key)
+        assert int(params_ours["num_batches_tracked"]) == 1 and int(ours.num_batches_tracked) == 0
+        g_t, = torch.autograd.grad(y_t.square().sum(), params["weight"])
+        g_o, = torch.autograd.grad(y_o.square().sum(), params_ours["weight"])
+        torch.testing.assert_close(g_o, g_t, rtol=1e-5, atol=1e-5)
+
+
+def test_deepcopy_and_pickle_whole_model():
+    torch.manual_seed(0)
+    model = tnn.Sequential(tnn.Conv2d(3, 4, 3), bnkit.BatchNorm2d(4, decay=0.9, activation="relu",
+                                                                  momentum_schedule="linear", total_steps=5),
+                           tnn.Flatten(1), bnkit.BatchNorm1d(16, momentum=None, variance="biased"))
+    x = torch.randn(5, 3, 4, 4)
+    _train_steps(model, x)
+    bnkit.freeze_stats(model[1])
+    for clone in (copy.deepcopy(model), _save_load(model)):
+        assert clone[1] is not model[1] and clone[1].running_mean.data_ptr() != model[1].running_mean.data_ptr()
+        for attr in ("momentum", "momentum_convention", "activation", "variance", "stats_frozen", "eps"):
+            assert getattr(clone[1], attr) == getattr(model[1], attr), attr
+            assert getattr(clone[3], attr) == getattr(model[3], attr), attr
+        assert repr(clone[1].momentum_schedule) == repr(model[1].momentum_schedule)
+        _assert_same_state(clone, model, rtol=0, atol=0)
+        # Both copies continue training identically, and the original is untouched by the clone's steps.
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        reference = copy.deepcopy(model)
+        _train_steps(clone, x, 1), _train_steps(reference, x, 1)
+        _assert_same_state(clone, reference, rtol=0, atol=0)
+        for k, v in model.state_dict().items():
+            assert torch.equal(v, before[k]), k
+
+
+def _save_load(model):
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)  # a whole module is not a weights-only checkpoint
+
+
+@pytest.mark.parametrize("ours_cls,theirs_cls,shape", PAIRS)
+def test_to_dtype_and_device_like_torch(ours_cls, theirs_cls, shape):
+    ours, theirs = ours_cls(3), theirs_cls(3)
+    _train_steps(ours, torch.randn(*shape)), theirs.load_state_dict(ours.state_dict())
+    for m in (ours, theirs):
+        m.to("cpu", torch.float64)
+    _assert_same_state(ours, theirs, rtol=0, atol=0)
+    assert ours.running_var.dtype == ours.weight.dtype == torch.float64
+    assert ours.num_batches_tracked.dtype == torch.long
+    x = torch.randn(*shape, dtype=torch.float64)
+    torch.testing.assert_close(ours(x), theirs(x))
+    ours.half(), theirs.half()
+    _assert_same_state(ours, theirs, rtol=0, atol=0)
+    assert ours.num_batches_tracked.dtype == torch.long
+
+
+@pytest.mark.parametrize("ours_cls,theirs_cls,shape", PAIRS)
+def test_reset_running_stats_and_parameters(ours_cls, theirs_cls, shape):
+    ours, theirs = ours_cls(3), theirs_cls(3)
+    x = torch.randn(*shape) * 2 + 3
+    for m in (ours, theirs):
+        _train_steps(m, x)
+        with torch.no_grad():
+            m.weight.mul_(3)
+            m.bias.add_(1)
+    ours.reset_running_stats(), theirs.reset_running_stats()
+    _assert_same_state(ours, theirs)
+    assert int(ours.num_batches_tracked) == 0 and torch.equal(ours.running_var, torch.ones(3))
+    assert not torch.equal(ours.weight, torch.ones(3))  # parameters untouched by reset_running_stats
+    ours.reset_parameters(), theirs.reset_parameters()
+    _assert_same_state(ours, theirs)
+    assert torch.equal(ours.weight, torch.ones(3)) and torch.equal(ours.bias, torch.zeros(3))
