@@ -170,6 +170,10 @@ def _check_arguments(model, data, num_samples, num_batches, mode, forward) -> No
             raise ValueError(f"calibrate: {arg} must be a positive int or None, got {value!r}")
     if forward is not None and not callable(forward):
         raise TypeError(f"calibrate: forward must be a callable (model, batch) -> output, got {type(forward).__name__}")
+    if mode == "eval_consistent" and torch.is_inference_mode_enabled():
+        raise ValueError("calibrate: mode='eval_consistent' reads the layer dependencies from the autograd graph, "
+                         "which torch.inference_mode() disables; call it outside inference_mode (it uses no_grad "
+                         "itself)")
     if mode == "eval_consistent" and isinstance(data, Iterator):
         raise ValueError(f"calibrate: mode='eval_consistent' reads the data once per depth level, but data is a "
                          f"one-shot iterator ({type(data).__name__}); pass a DataLoader, list or other re-iterable")
@@ -432,8 +436,13 @@ def calibrate(model: nn.Module, data: Iterable, num_samples: int | None = None, 
 
     Raises:
         ValueError: no batch-norm layer with running statistics, a bad argument, or a one-shot
-            iterator with ``mode="eval_consistent"``. Nothing is changed when it raises, also when
-            the model's forward raises part-way.
+            iterator (or ``torch.inference_mode``) with ``mode="eval_consistent"``. Nothing is
+            changed when it raises, also when the model's forward raises part-way.
+
+    >>> model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    >>> report = calibrate(model, [torch.randn(8, 3) for _ in range(5)], num_batches=None, progress=False)
+    >>> report.batches, report.layers[0].samples
+    (5, 40)
     """
     _check_arguments(model, data, num_samples, num_batches, mode, forward)
     named = [(name, m) for name, m in batch_norm_layers(model)

@@ -339,6 +339,8 @@ def test_bad_input_raises_before_any_change():
             bnkit.calibrate(model, [torch.randn(3, 2)], progress=False, **kwargs)
     with pytest.raises(ValueError, match="one-shot iterator"):
         bnkit.calibrate(model, (torch.randn(3, 2) for _ in range(2)), mode="eval_consistent", progress=False)
+    with torch.inference_mode(), pytest.raises(ValueError, match="inference_mode"):
+        bnkit.calibrate(model, [torch.randn(3, 2)], mode="eval_consistent", progress=False)
     with pytest.raises(ValueError, match="more than 1 value per channel"):
         bnkit.calibrate(model, [torch.randn(3, 2), torch.randn(1, 2)], num_batches=None, progress=False)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
