@@ -1,5 +1,6 @@
 """bnkit: batch normalization for PyTorch, done right."""
 from . import functional, reference, stats
+from .accumulate import accumulate
 from .calibrate import CalibrationReport, calibrate
 from .freeze import batch_norm_layers, freeze_stats, frozen_stats, unfreeze_stats
 from .nn import BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormBase
@@ -7,6 +8,6 @@ from .stats import momentum
 
 __version__ = "0.1.0"
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormBase", "batch_norm_layers",
+__all__ = ["accumulate", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormBase", "batch_norm_layers",
            "calibrate", "CalibrationReport",
            "freeze_stats", "frozen_stats", "functional", "momentum", "reference", "stats", "unfreeze_stats"]

@@ -7,14 +7,17 @@ checkpoints older than ``num_batches_tracked``) is torch's own. The forward is b
 """
 from __future__ import annotations
 
+import math
+import warnings
+
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm as _TorchBatchNorm
 
-from ..functional import batch_statistics_update, check_nonfinite_policy
-from ..ops import check_activation, normalize
-from ..stats import accumulation_dtype, batch_moments
+from ..functional import (SINGLE_SAMPLE_POLICIES, VARIANCE_KINDS, _channel_first, _check_choice, _check_mask,
+                          _write_back, check_nonfinite_policy, forward_core, mask_from_lengths)
+from ..ops import check_activation
 from ..stats import momentum as momentum_lib
-from ..validation import check_batch_size, check_input
+from ..validation import check_input
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormBase", "STATS_FROZEN_MODES"]
 
@@ -39,7 +42,7 @@ class BatchNormBase(_TorchBatchNorm):
         num_features: C, the number of channels.
         eps: added to the variance for numerical stability. Default 1e-5 (Keras uses 1e-3).
         momentum: PyTorch's convention, the weight of the *new* batch (default 0.1), or ``None`` for
-            the cumulative average. Values >= 0.5 warn: they look like a Keras decay.
+            the cumulative average. Values >= 0.75 warn: they look like a Keras decay.
         affine: learnable ``weight`` (gamma) and ``bias`` (beta). Default True.
         track_running_stats: keep ``running_mean``, ``running_var`` and ``num_batches_tracked``.
         device, dtype: of the parameters and buffers.
@@ -51,8 +54,25 @@ class BatchNormBase(_TorchBatchNorm):
         total_steps: length of a named ramp schedule, in update steps.
         activation: ``None``/``"identity"``, ``"relu"``, ``"leaky_relu"`` or ``"silu"``, applied after the affine.
         negative_slope: of ``leaky_relu``.
+        bias: with ``affine=True``, whether beta is learned (torch's ``bias=`` keyword).
         nonfinite: a batch whose statistics are NaN/Inf: ``"skip"`` its running update (default, warns),
             ``"raise"``, or ``"propagate"`` (torch's behaviour).
+        axis: the channel dimension (default 1; ``-1`` takes ``(N, L, C)`` input without transposes).
+        single_sample: one value per channel in training: ``"raise"`` (default, the message names the
+            fixes), ``"use_running"`` (normalize with the running statistics, no update) or
+            ``"skip_update"`` (normalize with its own statistics, i.e. output ``bias``, no update).
+        example_weight: inference example weighing (Summers & Dinneen 2020), eval only: ``None`` (off),
+            a weight alpha in [0, 1], or ``"auto"`` for ``1 / B`` with B the last training batch size.
+        variance: which variance the running update stores, ``"unbiased"`` (torch) or ``"biased"``
+            (Keras, Flax).
+
+    ``forward(input, mask=None, lengths=None)``: ``mask`` (bool, the input's shape without the
+    channel dimension; False marks padding) or ``lengths`` (``(N,)`` valid lengths of a 3-D input)
+    keep padded elements out of the batch and running statistics; they pass through unchanged.
+
+    The state_dict records the layer's conventions (eps, momentum, its convention, variance kind) in
+    its metadata; loading a bnkit checkpoint whose conventions differ warns. Plain torch checkpoints
+    load silently, and torch.nn loads bnkit checkpoints.
 
     Shape:
         Input ``(N, C, *)``; output the same shape, dtype and memory format.
@@ -64,7 +84,9 @@ class BatchNormBase(_TorchBatchNorm):
     def __init__(self, num_features: int, eps: float = 1e-5, momentum=_UNSET, affine: bool = True,
                  track_running_stats: bool = True, device=None, dtype=None, *, decay: float | None = None,
                  half_life: float | None = None, momentum_schedule=None, total_steps: int | None = None,
-                 activation: str | None = None, negative_slope: float = 0.01, nonfinite: str = "skip"):
+                 activation: str | None = None, negative_slope: float = 0.01, nonfinite: str = "skip",
+                 bias: bool = True, axis: int = 1, single_sample: str = "raise", example_weight=None,
+                 variance: str = "unbiased"):
         name = f"{type(self).__name__}({num_features})"
         if not isinstance(num_features, int) or num_features < 1:
             raise ValueError(f"{type(self).__name__}: num_features must be a positive int, got {num_features!r}")
@@ -73,13 +95,24 @@ class BatchNormBase(_TorchBatchNorm):
         given = momentum is not _UNSET
         resolved, convention = momentum_lib.resolve(name, momentum if given else 0.1, decay, half_life,
                                                     momentum_given=given)
-        super().__init__(num_features, eps, resolved, affine, track_running_stats, device, dtype)
+        # torch >= 2.6 has bias=; pass it only when asked for so older torch keeps working
+        super().__init__(num_features, eps, resolved, affine, track_running_stats, device, dtype,
+                         **({} if bias else {"bias": False}))
         self.momentum_convention = convention
         self.momentum_schedule = momentum_lib.make_schedule(name, momentum_schedule, resolved, total_steps)
         self.activation = check_activation(name, activation)
         self.negative_slope = negative_slope
         self.nonfinite = check_nonfinite_policy(name, nonfinite)
         self.stats_frozen = None
+        self.axis = axis
+        self.single_sample = _check_choice(name, "single_sample", single_sample, SINGLE_SAMPLE_POLICIES)
+        self.variance = _check_choice(name, "variance", variance, VARIANCE_KINDS)
+        if not (example_weight is None or example_weight == "auto" or 0.0 <= example_weight <= 1.0):
+            raise ValueError(f"{name}: example_weight must be None, 'auto' or in [0, 1], got {example_weight!r}")
+        self.example_weight = example_weight
+        self.last_train_batch_size = None  # for example_weight="auto"
+        self.stats_sink = None  # set by bnkit.accumulate: receives batch statistics instead of the running update
+        _register_state_dict_post_hook(self, _record_conventions)
 
     @property
     def layer_name(self) -> str:
@@ -92,8 +125,6 @@ class BatchNormBase(_TorchBatchNorm):
                              f"input of shape {tuple(input.shape)}")
 
     def _check(self, input: torch.Tensor) -> None:
-        if isinstance(input, torch.Tensor):
-            self._check_input_dim(input)
         check_input(self.layer_name, input, self.num_features,
                     {"weight": self.weight, "bias": self.bias,
                      "running_mean": self.running_mean, "running_var": self.running_var})
@@ -120,18 +151,55 @@ class BatchNormBase(_TorchBatchNorm):
         step = 1 + (int(self.num_batches_tracked) if self.num_batches_tracked is not None else 0)
         return float(self.momentum_schedule(step))
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        self._check(input)
-        if not self._uses_batch_stats():
-            acc = accumulation_dtype(input.dtype)
-            return normalize(input, self.running_mean.to(acc), self.running_var.to(acc), self.weight, self.bias,
-                             self.eps, self.activation, self.negative_slope)
-        n = check_batch_size(self.layer_name, input)
-        mean, var = batch_moments(input)
-        if self._updates_running_stats():
-            batch_statistics_update(self.layer_name, mean, var, n, self.running_mean, self.running_var,
-                                    self._update_momentum(), self.num_batches_tracked, self.nonfinite)
-        return normalize(input, mean, var, self.weight, self.bias, self.eps, self.activation, self.negative_slope)
+    def _example_weight(self):
+        if self.training or self.example_weight is None:
+            return None
+        if self.example_weight != "auto":
+            return float(self.example_weight)
+        if not self.last_train_batch_size:
+            raise RuntimeError(f"{self.layer_name}: example_weight='auto' is 1 / training batch size, but this layer "
+                               f"has not seen a training batch; pass example_weight=<alpha> instead")
+        return 1.0 / self.last_train_batch_size
+
+    def forward(self, input: torch.Tensor, mask: torch.Tensor | None = None,
+                lengths: torch.Tensor | None = None) -> torch.Tensor:
+        if isinstance(input, torch.Tensor):
+            self._check_input_dim(input)
+        x = _channel_first(input, self.axis) if isinstance(input, torch.Tensor) and input.dim() >= 2 else input
+        self._check(x)
+        if lengths is not None:
+            if mask is not None:
+                raise ValueError(f"{self.layer_name}: pass mask= or lengths=, not both")
+            mask = mask_from_lengths(self.layer_name, x, lengths)
+        if mask is not None:
+            mask = _check_mask(self.layer_name, x, mask)
+        if self.training:
+            self.last_train_batch_size = x.shape[0]
+        update = self._updates_running_stats()
+        y, new = forward_core(
+            self.layer_name, x, self.weight, self.bias, self.running_mean, self.running_var, self.num_batches_tracked,
+            use_batch_stats=self._uses_batch_stats(), update=update and self.stats_sink is None,
+            momentum=self._update_momentum() if update and self.stats_sink is None else None, eps=self.eps,
+            activation=self.activation, negative_slope=self.negative_slope, nonfinite=self.nonfinite,
+            variance=self.variance, mask=mask, single_sample=self.single_sample,
+            example_weight=self._example_weight(), stats_sink=self.stats_sink if update else None)
+        if new is not None:
+            _write_back(new, self.running_mean, self.running_var, self.num_batches_tracked)
+        return y if self.axis % y.dim() == 1 else y.movedim(1, self.axis)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        saved = local_metadata.get(_METADATA_KEY)
+        if saved is not None:
+            mine = _conventions(self)
+            diffs = [f"{k}={saved[k]!r} (this layer: {mine[k]!r})" for k in mine
+                     if k in saved and not _same(saved[k], mine[k])]
+            if diffs:
+                warnings.warn(f"{self.layer_name} ({prefix or 'top level'}): the checkpoint was saved with other batch-norm "
+                              f"conventions: {', '.join(diffs)}. The numbers will differ from the saved model's; "
+                              f"construct the layer with the saved values to reproduce it.", UserWarning, stacklevel=2)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     def extra_repr(self) -> str:
         s = super().extra_repr()
@@ -147,7 +215,34 @@ class BatchNormBase(_TorchBatchNorm):
             s += f", nonfinite={self.nonfinite!r}"
         if self.stats_frozen is not None:
             s += f", stats_frozen={self.stats_frozen!r}"
+        for attr, default in (("axis", 1), ("single_sample", "raise"), ("example_weight", None),
+                              ("variance", "unbiased")):
+            if getattr(self, attr) != default:
+                s += f", {attr}={getattr(self, attr)!r}"
         return s
+
+
+_METADATA_KEY = "bnkit_conventions"
+
+
+def _conventions(layer: BatchNormBase) -> dict:
+    return {"eps": layer.eps, "momentum": layer.momentum, "momentum_convention": layer.momentum_convention,
+            "variance": layer.variance}
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, float) and isinstance(b, float):
+        return math.isclose(a, b, rel_tol=1e-9)
+    return a == b
+
+
+def _record_conventions(module, state_dict, prefix, local_metadata) -> None:
+    local_metadata[_METADATA_KEY] = _conventions(module)
+
+
+def _register_state_dict_post_hook(module: torch.nn.Module, hook) -> None:
+    register = getattr(module, "register_state_dict_post_hook", None) or module._register_state_dict_hook
+    register(hook)
 
 
 class BatchNorm1d(BatchNormBase):

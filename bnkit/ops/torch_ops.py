@@ -15,13 +15,18 @@ __all__ = ["normalize"]
 
 
 def _channel_view(v: torch.Tensor, ndim: int) -> torch.Tensor:
-    return v.reshape((1, -1) + (1,) * (ndim - 2))
+    """(C,) statistics broadcast over (N, C, *); (N, C) per-example statistics keep their batch dimension."""
+    lead = v.shape if v.dim() == 2 else (1, -1)
+    return v.reshape(tuple(lead) + (1,) * (ndim - 2))
 
 
 def normalize(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, weight: torch.Tensor | None,
               bias: torch.Tensor | None, eps: float, activation: str = "identity",
               negative_slope: float = 0.01) -> torch.Tensor:
-    """``act((x - mean) / sqrt(var + eps) * weight + bias)`` per channel (dimension 1)."""
+    """``act((x - mean) / sqrt(var + eps) * weight + bias)`` per channel (dimension 1).
+
+    ``mean``/``var`` are ``(C,)``, or ``(N, C)`` for statistics that differ per example.
+    """
     acc = mean.dtype
     scale = torch.rsqrt(var + eps)
     if weight is not None:

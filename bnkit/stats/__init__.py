@@ -1,7 +1,8 @@
 """Statistics: momentum conventions, running-statistic updates, stable moments and merges."""
 from . import momentum
-from .moments import Moments, accumulation_dtype, batch_moments, reduce_dims, unbiased_factor
-from .running import update_running_stats
+from .moments import (Moments, accumulation_dtype, batch_moments, example_weighted_moments, masked_moments,
+                      reduce_dims, unbiased_factor)
+from .running import ema, update_running_stats
 
-__all__ = ["momentum", "Moments", "accumulation_dtype", "batch_moments", "reduce_dims", "unbiased_factor",
-           "update_running_stats"]
+__all__ = ["momentum", "Moments", "accumulation_dtype", "batch_moments", "example_weighted_moments", "masked_moments",
+           "reduce_dims", "unbiased_factor", "update_running_stats", "ema"]

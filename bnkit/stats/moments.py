@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["accumulation_dtype", "reduce_dims", "batch_moments", "Moments", "unbiased_factor"]
+__all__ = ["accumulation_dtype", "reduce_dims", "batch_moments", "masked_moments", "example_weighted_moments",
+           "Moments", "unbiased_factor"]
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -36,6 +37,43 @@ def batch_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mean, var
 
 
+def masked_moments(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(mean, biased_var, count)`` per channel over the elements where ``mask`` is True.
+
+    ``mask`` has ``x``'s shape without the channel dimension 1 (``(N, *)``). Two passes (mean, then
+    centered squares), so it is as stable as :func:`batch_moments`; differentiable.
+    """
+    acc = accumulation_dtype(x.dtype)
+    m = mask.unsqueeze(1).to(acc)
+    dims = reduce_dims(x.dim())
+    count = m.sum(dims)  # (C,) after broadcasting: the same count in every channel
+    count = count.expand(x.shape[1]) if count.numel() == 1 else count
+    xa = x.to(acc)
+    mean = (xa * m).sum(dims) / count
+    centered = (xa - mean.reshape((1, -1) + (1,) * (x.dim() - 2))) * m
+    return mean, (centered * centered).sum(dims) / count, count
+
+
+def example_weighted_moments(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, alpha: float):
+    """Inference example weighing (Summers & Dinneen, ICLR 2020): per-example statistics ``(N, C)``.
+
+    Each example's own spatial statistics (``mu_e``, biased ``var_e``) are mixed with the population
+    statistics ``(mean, var)`` with weight ``alpha``, as the moments of a two-component mixture::
+
+        mu_i  = alpha * mu_e + (1 - alpha) * mean
+        var_i = alpha * var_e + (1 - alpha) * var + alpha * (1 - alpha) * (mu_e - mean) ** 2
+    """
+    acc = mean.dtype
+    spatial = tuple(range(2, x.dim()))
+    if spatial:
+        var_e, mu_e = torch.var_mean(x.to(acc), dim=spatial, correction=0)
+    else:  # one value per example and channel: its own variance is zero
+        mu_e, var_e = x.to(acc), torch.zeros_like(x, dtype=acc)
+    mu = alpha * mu_e + (1 - alpha) * mean
+    v = alpha * var_e + (1 - alpha) * var + alpha * (1 - alpha) * (mu_e - mean) ** 2
+    return mu, v
+
+
 def unbiased_factor(n: int) -> float:
     """Bessel's correction ``n / (n - 1)``, which turns a biased variance of n values into an unbiased one."""
     return n / (n - 1)
@@ -48,7 +86,7 @@ class Moments:
     >>> a = Moments.of(torch.tensor([[1.0], [2.0]]))
     >>> b = Moments.of(torch.tensor([[4.0], [5.0], [6.0]]))
     >>> m = a.merge(b)
-    >>> m.mean.item(), m.var(unbiased=True).item()
+    >>> round(m.mean.item(), 5), round(m.var(unbiased=True).item(), 5)   # of [1, 2, 4, 5, 6]
     (3.6, 4.3)
     """
 

@@ -32,7 +32,7 @@ __all__ = ["convert", "resolve", "constant", "linear_ramp", "cosine_ramp", "Sche
 CONVENTIONS = ("momentum", "decay", "half_life")
 
 #: A torch-convention momentum at or above this looks like a Keras/TF decay passed by mistake.
-KERAS_LOOKALIKE_THRESHOLD = 0.5
+KERAS_LOOKALIKE_THRESHOLD = 0.75
 
 
 def _to_momentum(value: float, convention: str) -> float:
@@ -94,7 +94,7 @@ def resolve(layer: str, momentum, decay=None, half_life=None, momentum_given: bo
     if KERAS_LOOKALIKE_THRESHOLD <= m < 1.0:
         warnings.warn(
             f"{layer}: momentum={m} is PyTorch's convention (weight of the NEW batch), so running statistics "
-            f"will follow each batch almost entirely. It looks like a Keras/TF/Flax momentum (weight of the OLD "
+            f"will mostly follow the latest batch. It looks like a Keras/TF/Flax momentum (weight of the OLD "
             f"value). If that is what you meant, write decay={m} (equal to momentum={round(1 - m, 12)}).",
             UserWarning, stacklevel=4)
     return m, "momentum"
