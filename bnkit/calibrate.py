@@ -33,10 +33,13 @@ Choices, all deliberate:
 
 * Every module other than the calibrated batch-norm layers runs in eval mode (dropout off), as at
   inference, whatever mode the model was in; every module's mode is restored afterwards, and so
-  are bnkit freezes (``freeze_stats``), torch's ``track_running_stats``, momentum (never changed),
-  parameters and every other buffer (never touched). ``num_batches_tracked`` is left unchanged: it
+  are bnkit freezes (``freeze_stats``) and every public attribute of a BN layer (momentum,
+  ``track_running_stats``, ``last_train_batch_size``, ...); parameters and every other buffer are
+  never touched. ``num_batches_tracked`` is left unchanged: it
   counts training updates (cumulative momentum and bnkit's momentum schedules read it) and
   calibration is not one.
+* What is measured is what the layer normalizes: a bnkit layer's channel ``axis``, its ``mask=`` /
+  ``lengths=`` (padding left out) and its ``variance`` kind (``"biased"`` layers store the biased one).
 * A layer called several times in one forward (shared or reused) pools the inputs of all calls.
 * A batch whose activations are non-finite in any calibrated layer is skipped for all layers, so
   every layer is calibrated on the same samples; it is counted in the report. In
@@ -64,6 +67,7 @@ import torch
 from torch import nn
 
 from .freeze import batch_norm_layers, frozen_stats
+from .functional import _channel_first, _check_mask, mask_from_lengths
 from .stats import Moments
 
 __all__ = ["calibrate", "CalibrationReport", "LayerCalibration", "MODES"]
@@ -220,6 +224,17 @@ def _layer_input(args: tuple, kwargs: dict) -> torch.Tensor:
     return args[0] if args else kwargs["input"]
 
 
+def _input_moments(module: nn.Module, args: tuple, kwargs: dict) -> Moments:
+    """Moments of what the layer normalizes: channels on ``axis`` (bnkit), padding (``mask=``/``lengths=``) left out."""
+    x = _channel_first(_layer_input(args, kwargs), getattr(module, "axis", 1))
+    extra = dict(zip(("mask", "lengths"), args[1:]), **kwargs)
+    mask, lengths = extra.get("mask"), extra.get("lengths")
+    name = getattr(module, "layer_name", type(module).__name__)
+    if lengths is not None:
+        mask = mask_from_lengths(name, x, lengths)
+    return Moments.of(x, None if mask is None else _check_mask(name, x, mask))
+
+
 class _Capture:
     """Pre-hooks adding each captured layer's input moments to the current batch; merged per batch."""
 
@@ -230,7 +245,7 @@ class _Capture:
 
     def _hook(self, i: int):
         def hook(module, args, kwargs):
-            m = Moments.of(_layer_input(args, kwargs))
+            m = _input_moments(module, args, kwargs)
             self.batch[i] = m if i not in self.batch else self.batch[i].merge(m)
         return hook
 
@@ -326,6 +341,11 @@ def _merge_dependencies(deps: list[int], device) -> list[int]:
     return [sum(1 << j for j in range(n) if matrix[i, j] > 0) for i in range(n)]
 
 
+def _stores_unbiased(module: nn.Module) -> bool:
+    """torch.nn stores the unbiased variance; a bnkit layer with ``variance="biased"`` the biased one."""
+    return getattr(module, "variance", "unbiased") == "unbiased"
+
+
 def _levels(deps: list[int], names: list[str]) -> list[int]:
     """Depth of each layer: 0 without upstream layers, else 1 + the deepest upstream layer."""
     n = len(deps)
@@ -384,6 +404,9 @@ def _calibration_state(model: nn.Module, modules: list[nn.Module]):
     Running buffers are restored too if calibration fails part-way (eval_consistent writes between passes).
     """
     training = [(m, m.training) for m in model.modules()]
+    # Public attributes of every BN layer (momentum, flags, bnkit's last_train_batch_size, ...) are put
+    # back as they were, whatever the layer's forward recorded during calibration.
+    attributes = [(m, {k: v for k, v in vars(m).items() if not k.startswith("_")}) for _, m in batch_norm_layers(model)]
     saved = [(m.running_mean.clone(), m.running_var.clone()) for m in modules]
     try:
         with frozen_stats(model):
@@ -399,6 +422,8 @@ def _calibration_state(model: nn.Module, modules: list[nn.Module]):
     finally:
         for m, flag in training:
             m.training = flag
+        for m, attrs in attributes:
+            m.__dict__.update(attrs)
 
 
 def calibrate(model: nn.Module, data: Iterable, num_samples: int | None = None, num_batches: int | None = 200,
@@ -505,7 +530,7 @@ def calibrate(model: nn.Module, data: Iterable, num_samples: int | None = None, 
                     if m.count[0] > 0:
                         results[i] = m
                         modules[i].running_mean.copy_(m.mean)
-                        modules[i].running_var.copy_(m.var(unbiased=True))
+                        modules[i].running_var.copy_(m.var(unbiased=_stores_unbiased(modules[i])))
             depth += 1
 
     never = [names[i] for i in range(len(modules)) if i not in results]
@@ -525,5 +550,5 @@ def _layer_report(name: str, module: nn.Module, level: int, moments: Moments | N
         return LayerCalibration(name, type(module).__name__, level, 0, None, None)
     old_mean, old_var = old_mean.to(moments.mean.dtype), old_var.to(moments.mean.dtype)
     mean_change = ((moments.mean - old_mean).abs() / torch.sqrt(old_var + module.eps)).max().item()
-    var_change = ((moments.var(unbiased=True) - old_var).abs() / (old_var + module.eps)).max().item()
+    var_change = ((moments.var(unbiased=_stores_unbiased(module)) - old_var).abs() / (old_var + module.eps)).max().item()
     return LayerCalibration(name, type(module).__name__, level, int(moments.count[0].item()), mean_change, var_change)

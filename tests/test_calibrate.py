@@ -104,6 +104,28 @@ def test_pooled_statistics_equal_one_giant_batch(layer_cls, tail):
     assert not torch.allclose(equal_weight[0].running_var, giant.running_var, rtol=1e-3)
 
 
+def test_channels_last_padding_and_biased_variance_follow_the_layer():
+    """axis=-1, lengths= (padding left out) and variance="biased": the statistics the layer itself uses."""
+    class Sequence(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = bnkit.BatchNorm1d(3, axis=-1, variance="biased", dtype=torch.float64)
+
+        def forward(self, x, lengths):
+            return self.bn(x, lengths=lengths)
+
+    g = torch.Generator().manual_seed(4)
+    data = [{"x": torch.randn(n, 6, 3, generator=g, dtype=torch.float64) * 2 + 1,
+             "lengths": torch.randint(1, 7, (n,), generator=g)} for n in (3, 5, 2)]
+    model = Sequence()
+    report = bnkit.calibrate(model, data, num_batches=None, progress=False)
+    valid = torch.cat([b["x"][n, :length] for b in data for n, length in enumerate(b["lengths"].tolist())])
+    torch.testing.assert_close(model.bn.running_mean, valid.mean(0))
+    torch.testing.assert_close(model.bn.running_var, valid.var(0, unbiased=False))
+    assert report.layers[0].samples == len(valid)
+    assert model.bn.last_train_batch_size is None  # state the layer records in training is put back
+
+
 def test_float32_large_mean_stays_accurate():
     """mean 1e4, std 1 in float32: stable merges keep the variance; the float64 giant batch is the reference."""
     data = _batches((2, 8), (64, 17, 100, 3), mean=1e4, std=1.0, dtype=torch.float32, seed=3)
