@@ -380,9 +380,10 @@ def _all_merge(moments: list[Moments]) -> list[Moments]:
     merged = Moments(*parts[0])
     for p in parts[1:]:
         merged = merged.merge(Moments(*p))
+    # Kept in float64: a rank that never ran a layer holds float32 zeros, and casting back to each rank's
+    # own dtype would round the ranks differently.
     sizes = [m.mean.numel() for m in moments]
-    return [Moments(*(t.to(m.mean.dtype) for t in chunk)) for m, chunk in
-            zip(moments, zip(*(torch.split(x, sizes) for x in (merged.count, merged.mean, merged.m2))))]
+    return [Moments(*chunk) for chunk in zip(*(torch.split(x, sizes) for x in (merged.count, merged.mean, merged.m2)))]
 
 
 @contextlib.contextmanager

@@ -418,6 +418,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+class OnlyLargeBatches(nn.Module):
+    """``late`` runs only on batches of 6 or more, so in the 2-rank test rank 1 never runs it."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(2)
+        self.early, self.late = nn.Sequential(nn.Conv2d(2, 3, 3), bnkit.BatchNorm2d(3)), nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        h = self.early(x)
+        return self.late(h) if len(x) >= 6 else h
+
+
 def _distributed_worker(rank, world, port, out_dir):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=60))
@@ -429,6 +442,11 @@ def _distributed_worker(rank, world, port, out_dir):
             model = Branchy().double()
             report = bnkit.calibrate(model, shard, num_batches=None, mode=mode, progress=False)
             results[mode] = (model.state_dict(), [layer.samples for layer in report.layers])
+        model = OnlyLargeBatches().double()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # rank 1: 'late' never ran here
+            bnkit.calibrate(model, shard, num_batches=None, progress=False)
+        results["layer unused on rank 1"] = (model.state_dict(), None)
         torch.save(results, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -450,3 +468,9 @@ def test_distributed_gloo_two_ranks_equal_single_process_on_the_union(tmp_path):
             assert torch.equal(ranks[0][mode][0][key], ranks[1][mode][0][key]), key
             torch.testing.assert_close(ranks[0][mode][0][key], value, rtol=1e-12, atol=1e-12)
         assert ranks[0][mode][1] == [layer.samples for layer in report.layers]
+    single = OnlyLargeBatches().double()
+    bnkit.calibrate(single, _branchy_data(), num_batches=None, progress=False)
+    for key, value in single.state_dict().items():
+        a, b = ranks[0]["layer unused on rank 1"][0][key], ranks[1]["layer unused on rank 1"][0][key]
+        assert torch.equal(a, b), key
+        torch.testing.assert_close(a, value)
