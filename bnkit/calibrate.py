@@ -427,6 +427,28 @@ def _calibration_state(model: nn.Module, modules: list[nn.Module]):
             m.__dict__.update(attrs)
 
 
+def _read_pass(model: nn.Module, batches: _Batches, forward, capture: _Capture, probe: _DependencyProbe | None,
+               skipped: set[int], bar, description: str) -> None:
+    """One pass over the data: forward each batch, keep it or add its index to ``skipped``; hooks removed after."""
+    task = None if bar is None else bar.add_task(description, total=batches.total)
+    try:
+        for index, batch, n in batches:
+            if index in skipped:
+                continue
+            with torch.enable_grad() if probe is not None else torch.no_grad():
+                forward(model, batch)
+            if not capture.end_batch():
+                skipped.add(index)
+            if probe is not None:
+                probe.end_batch()
+            if bar is not None:
+                bar.advance(task, n if batches.num_samples is not None else 1)
+    finally:
+        capture.remove()
+        if probe is not None:
+            probe.remove()
+
+
 def calibrate(model: nn.Module, data: Iterable, num_samples: int | None = None, num_batches: int | None = 200,
               mode: str = "precise", forward: Callable[[nn.Module, Any], Any] | None = None,
               progress: bool = True) -> CalibrationReport:
@@ -494,25 +516,9 @@ def calibrate(model: nn.Module, data: Iterable, num_samples: int | None = None, 
             for i, m in enumerate(modules):
                 m.training = level[i] >= depth
             batches = _Batches(data, num_samples, num_batches)
-            task = None if bar is None else bar.add_task(
-                "calibrate" if mode == "precise" else f"calibrate level {depth}", total=batches.total)
             capture = _Capture(modules, captured)
-            try:
-                for index, batch, n in batches:
-                    if index in skipped:
-                        continue
-                    with torch.enable_grad() if probe is not None else torch.no_grad():
-                        forward(model, batch)
-                    if not capture.end_batch():
-                        skipped.add(index)
-                    if probe is not None:
-                        probe.end_batch()
-                    if bar is not None:
-                        bar.advance(task, n if num_samples is not None else 1)
-            finally:
-                capture.remove()
-                if probe is not None:
-                    probe.remove()
+            _read_pass(model, batches, forward, capture, probe, skipped, bar,
+                       "calibrate" if mode == "precise" else f"calibrate level {depth}")
             if first is None:
                 first = batches
                 if batches.short:
@@ -551,5 +557,6 @@ def _layer_report(name: str, module: nn.Module, level: int, moments: Moments | N
         return LayerCalibration(name, type(module).__name__, level, 0, None, None)
     old_mean, old_var = old_mean.to(moments.mean.dtype), old_var.to(moments.mean.dtype)
     mean_change = ((moments.mean - old_mean).abs() / torch.sqrt(old_var + module.eps)).max().item()
-    var_change = ((moments.var(unbiased=_stores_unbiased(module)) - old_var).abs() / (old_var + module.eps)).max().item()
+    new_var = moments.var(unbiased=_stores_unbiased(module))
+    var_change = ((new_var - old_var).abs() / (old_var + module.eps)).max().item()
     return LayerCalibration(name, type(module).__name__, level, int(moments.count[0].item()), mean_change, var_change)

@@ -78,7 +78,8 @@ def main():
             mismatch[name].append(eval_mismatch(recomputed, loader))
 
     steps = EPOCHS * (len(x_train) // BATCH)
-    table = Table(title=f"digits CNN, batch {BATCH}, {EPOCHS} epochs ({steps} SGD steps): test accuracy (%), and eval mismatch of the statistics")
+    table = Table(title=f"digits CNN, batch {BATCH}, {EPOCHS} epochs ({steps} SGD steps): "
+                        f"test accuracy (%), and eval mismatch of the statistics")
     table.add_column("statistics")
     for seed in SEEDS:
         table.add_column(f"seed {seed}", justify="right")
