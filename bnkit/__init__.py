@@ -1,6 +1,7 @@
 """bnkit: batch normalization for PyTorch, done right."""
 from . import functional, reference, stats
 from .accumulate import accumulate
+from .calibrate import CalibrationReport, calibrate
 from .freeze import batch_norm_layers, freeze_stats, frozen_stats, unfreeze_stats
 from .nn import BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormBase
 from .nn import LazyBatchNorm1d, LazyBatchNorm2d, LazyBatchNorm3d
@@ -10,5 +11,6 @@ from .stats import momentum
 __version__ = "0.1.0"
 
 __all__ = ["accumulate", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormBase", "batch_norm_layers",
+           "calibrate", "CalibrationReport",
            "freeze_stats", "frozen_stats", "functional", "momentum", "reference", "stats", "unfreeze_stats"]
 __all__ += ["LazyBatchNorm1d", "LazyBatchNorm2d", "LazyBatchNorm3d", "from_keras", "to_keras"]

@@ -95,9 +95,13 @@ class Moments:
     m2: torch.Tensor
 
     @classmethod
-    def of(cls, x: torch.Tensor) -> "Moments":
-        """Moments of an ``(N, C, *)`` tensor, in the accumulation dtype (no gradient)."""
+    def of(cls, x: torch.Tensor, mask: torch.Tensor | None = None) -> "Moments":
+        """Moments of an ``(N, C, *)`` tensor, in the accumulation dtype (no gradient); with ``mask``
+        (bool, ``(N, *)``), of the elements where it is True only."""
         with torch.no_grad():
+            if mask is not None:
+                mean, var, count = masked_moments(x, mask)
+                return cls(count, mean, var * count)
             mean, var = batch_moments(x)
         n = x.numel() // x.shape[1] if x.dim() > 1 and x.shape[1] else 0
         count = torch.full_like(mean, float(n))
