@@ -244,20 +244,82 @@ def doctor(model: nn.Module, data, num_batches: int = 50, batch_size: int = 64, 
         :class:`DoctorReport`.
     """
     limits = {**THRESHOLDS, **(thresholds or {})}
-    layers = batch_norm_layers(model)
+    layers = _bn_layers(model)
     if not layers:
         raise ValueError(f"doctor: {type(model).__name__} has no batch-norm layer")
     batches = _batches(data, num_batches, batch_size)
     names = [n for n, _ in layers]
-    findings: list[Finding] = []
+    measure = _measure_script if isinstance(model, torch.jit.ScriptModule) else _measure_eager
+    measured = measure(model, names, batches, forward, mode, progress)
+    findings = list(measured.findings)
 
+    diagnoses = []
+    for name, bn in layers:
+        values = [v for v in measured.values.get(name, ()) if v]
+        # torch.jit.trace keeps only parameters and buffers of a layer, not momentum or num_features
+        running_mean, running_var = getattr(bn, "running_mean", None), getattr(bn, "running_var", None)
+        channels = getattr(bn, "num_features", None) or (running_mean.numel() if running_mean is not None else 0)
+        d = LayerDiagnosis(name, getattr(bn, "original_name", type(bn).__name__), channels,
+                           getattr(bn, "momentum", None), bn.training,
+                           running_mean is not None and running_var is not None,
+                           min_values_per_channel=min(values, default=None))
+        if d.has_running_stats:
+            d.ema_mean, d.ema_var = running_mean.double().tolist(), running_var.double().tolist()
+            if name in measured.inputs:
+                x = measured.inputs[name]
+                y_b = batch_norm(x, None, None, bn.weight, bn.bias, training=True, eps=bn.eps)
+                y_r = batch_norm(x, bn.running_mean.clone(), bn.running_var.clone(), bn.weight, bn.bias,
+                                 training=False, eps=bn.eps)
+                d.train_eval_gap = _rel_rms(y_b, y_r)
+        cal = measured.calibrated.get(name)
+        if cal is not None and cal.running_mean is not None:
+            pm, pv = cal.running_mean.double(), cal.running_var.double()
+            d.population_mean, d.population_var = pm.tolist(), pv.tolist()
+            if d.has_running_stats:
+                em, ev = bn.running_mean.double(), bn.running_var.double()
+                d.mean_error = float(((em - pm).abs() / (pv + bn.eps).sqrt()).max())
+                d.var_error = float(((ev - pv).abs() / (pv + bn.eps)).max())
+        var = d.population_var or d.ema_var
+        if var is not None:
+            v = torch.tensor(var, dtype=torch.float64)
+            floor = max(float(v.median()) * limits["collapsed_relative_var"], 1e-12)
+            d.collapsed_channels = (v <= floor).nonzero().flatten().tolist()
+        diagnoses.append(d)
+        findings += _layer_findings(d, bn, limits, model.training)
+
+    findings += _data_findings(data)
+    y_eval = measured.y_eval
+    summary = {"batches": len(batches), "samples": measured.samples, "mode": mode,
+               "output_gap_train_vs_eval": _rel_rms(measured.y_train, y_eval)
+               if _both_tensors(measured.y_train, y_eval) else None,
+               "output_gap_ema_vs_population": _rel_rms(measured.y_pop, y_eval)
+               if _both_tensors(measured.y_pop, y_eval) else None}
+    return DoctorReport(diagnoses, findings, summary)
+
+
+@dataclass
+class _Measured:
+    """What the data passes produced (per-layer entries are missing where they could not be measured)."""
+
+    samples: int = 0
+    values: dict = field(default_factory=dict)      # layer -> fewest values per channel, per batch
+    inputs: dict = field(default_factory=dict)      # layer -> its input on the probe batch, training mode
+    calibrated: dict = field(default_factory=dict)  # layer -> the layer holding population statistics
+    y_train: object = None
+    y_eval: object = None
+    y_pop: object = None
+    findings: list = field(default_factory=list)
+
+
+def _measure_eager(model: nn.Module, names: list[str], batches: list, forward, mode: str, progress: bool) -> _Measured:
+    m = _Measured()
     # Shapes of every layer's input over all batches, in eval mode (never fails, never updates).
     probe = copy.deepcopy(model).eval()
     store, remove = _capture_inputs(probe, names)
-    samples, values = 0, {n: [] for n in names}  # values[n][i]: fewest values per channel in batch i
+    values = m.values = {n: [] for n in names}  # values[n][i]: fewest values per channel in batch i
     for batch in batches:
         _call(probe, batch, forward)
-        samples += store[names[0]][0].shape[0] if store[names[0]] else 0
+        m.samples += store[names[0]][0].shape[0] if store[names[0]] else 0
         for n in names:
             values[n].append(min((x.numel() // x.shape[1] for x in store[n]), default=0))
             store[n].clear()
@@ -269,67 +331,55 @@ def doctor(model: nn.Module, data, num_batches: int = 50, batch_size: int = 64, 
 
     i = max(range(len(batches)), key=fewest)
     probe_batch = batches[i]
-    y_eval = _call(probe, probe_batch, forward)
+    m.y_eval = _call(probe, probe_batch, forward)
     for n in names:
         store[n].clear()
-    y_train, inputs = None, {}
     if fewest(i) > 1:
         probe.train()
         with frozen_stats(probe):
-            y_train = _call(probe, probe_batch, forward)
-        inputs = {n: store[n][0] for n in names if store[n]}
+            m.y_train = _call(probe, probe_batch, forward)
+        m.inputs = {n: store[n][0] for n in names if store[n]}
     remove()
 
     # Batches that give some layer a single value per channel cannot run in training mode.
     trainable = [b for k, b in enumerate(batches) if fewest(k) > 1]
-    calibrated, y_pop = None, None
     if not trainable:
-        findings.append(Finding(MODEL, "warning", "population statistics not measured: every batch gives some "
-                                "layer a single value per channel", "pass larger batches"))
+        m.findings.append(Finding(MODEL, "warning", "population statistics not measured: every batch gives "
+                                  "some layer a single value per channel", "pass larger batches"))
     else:
         try:
             calibrated = _population(model, trainable, forward, mode, progress)
-            y_pop = _call(calibrated.eval(), probe_batch, forward)
+            m.y_pop = _call(calibrated.eval(), probe_batch, forward)
+            m.calibrated = {n: calibrated.get_submodule(n) for n in names}
         except ImportError as e:
-            findings.append(Finding(MODEL, "info", f"population statistics not measured: {e}",
-                                    "install a bnkit version with bnkit.calibrate"))
+            m.findings.append(Finding(MODEL, "info", f"population statistics not measured: {e}",
+                                      "install a bnkit version with bnkit.calibrate"))
+    return m
 
-    diagnoses = []
-    for name, bn in layers:
-        d = LayerDiagnosis(name, type(bn).__name__, bn.num_features, bn.momentum, bn.training,
-                           bn.running_mean is not None and bn.running_var is not None,
-                           min_values_per_channel=min((v for v in values[name] if v), default=None))
-        if d.has_running_stats:
-            d.ema_mean, d.ema_var = bn.running_mean.double().tolist(), bn.running_var.double().tolist()
-            if name in inputs:
-                x = inputs[name]
-                y_b = batch_norm(x, None, None, bn.weight, bn.bias, training=True, eps=bn.eps)
-                y_r = batch_norm(x, bn.running_mean.clone(), bn.running_var.clone(), bn.weight, bn.bias,
-                                 training=False, eps=bn.eps)
-                d.train_eval_gap = _rel_rms(y_b, y_r)
-        if calibrated is not None:
-            cal = calibrated.get_submodule(name)
-            if cal.running_mean is not None:
-                pm, pv = cal.running_mean.double(), cal.running_var.double()
-                d.population_mean, d.population_var = pm.tolist(), pv.tolist()
-                if d.has_running_stats:
-                    em, ev = bn.running_mean.double(), bn.running_var.double()
-                    d.mean_error = float(((em - pm).abs() / (pv + bn.eps).sqrt()).max())
-                    d.var_error = float(((ev - pv).abs() / (pv + bn.eps)).max())
-        var = d.population_var or d.ema_var
-        if var is not None:
-            v = torch.tensor(var, dtype=torch.float64)
-            floor = max(float(v.median()) * limits["collapsed_relative_var"], 1e-12)
-            d.collapsed_channels = (v <= floor).nonzero().flatten().tolist()
-        diagnoses.append(d)
-        findings += _layer_findings(d, bn, limits, model.training)
 
-    findings += _data_findings(data)
-    summary = {"batches": len(batches), "samples": samples, "mode": mode,
-               "output_gap_train_vs_eval": _rel_rms(y_train, y_eval) if _both_tensors(y_train, y_eval) else None,
-               "output_gap_ema_vs_population": _rel_rms(y_pop, y_eval) if _both_tensors(y_pop, y_eval) else None}
-    return DoctorReport(diagnoses, findings, summary)
+def _measure_script(model, names, batches, forward, mode, progress) -> _Measured:
+    """TorchScript modules take no forward hooks: only the model-level train/eval output gap is measured."""
+    m = _Measured(findings=[Finding(MODEL, "info", "TorchScript model: per-layer measurements (population "
+                                    "statistics, per-layer train/eval gap, values per channel) need forward hooks, "
+                                    "which TorchScript modules do not support",
+                                    "save the eager model with torch.save(model, path) for the full diagnosis")])
+    probe = copy.deepcopy(model).eval()
+    batch = max(batches, key=lambda b: b.shape[0] if isinstance(b, torch.Tensor) else 0)
+    m.samples = sum(b.shape[0] for b in batches if isinstance(b, torch.Tensor))
+    m.y_eval = _call(probe, batch, forward)
+    if m.samples:
+        m.y_train = _call(probe.train(), batch, forward)  # a copy: its running statistics may change
+    return m
 
+
+_BN_NAMES = ("BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm")
+
+
+def _bn_layers(model: nn.Module) -> list:
+    """Batch-norm layers of an eager model, or of a TorchScript model (found by their original class name)."""
+    if isinstance(model, torch.jit.ScriptModule):
+        return [(n, m) for n, m in model.named_modules() if getattr(m, "original_name", "") in _BN_NAMES]
+    return batch_norm_layers(model)
 
 def _both_tensors(a, b) -> bool:
     return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape

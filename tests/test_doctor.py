@@ -129,3 +129,22 @@ def test_bad_input():
         doctor(nn.Linear(2, 2), torch.randn(4, 2))
     with pytest.raises(ValueError, match="batch dimension"):
         doctor(_model(), torch.tensor(1.0))
+
+
+def test_torchscript_models_get_the_configuration_checks(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8, momentum=0.9), nn.ReLU(), nn.Conv2d(8, 4, 3),
+                          bnkit.BatchNorm2d(4)).eval()
+    model[1].train()
+    scripted = nn.Sequential(*model[:4])  # bnkit layers are not scriptable; torch.jit.trace takes them
+    torch.jit.save(torch.jit.script(scripted), tmp_path / "s.pt")
+    torch.jit.save(torch.jit.trace(model, _data(n=4)), tmp_path / "t.pt")
+    for path, names in (("s.pt", ["1"]), ("t.pt", ["1", "4"])):
+        report = doctor(torch.jit.load(tmp_path / path), _data(), batch_size=128)
+        assert [d.name for d in report.layers] == names
+        assert "training mode" in _codes(report, "1")
+        assert "TorchScript" in report.findings_for("(model)")[0].problem
+    assert report.summary["output_gap_train_vs_eval"] == 0  # a trace fixed each layer's mode when it was taken
+    scripted_report = doctor(torch.jit.load(tmp_path / "s.pt"), _data())
+    assert scripted_report.summary["output_gap_train_vs_eval"] > 0
+    assert "Keras" in _codes(scripted_report, "1")  # a scripted layer keeps its momentum
