@@ -315,9 +315,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--half-life", type=float, help="steps after which a batch's weight has halved")
     m.set_defaults(func=_momentum)
 
-    b = sub.add_parser("bench", parents=[common], help="kernel benchmark (GPU if present, else CPU comparison)")
-    b.add_argument("bench_args", nargs=argparse.REMAINDER, help="passed to benchmarks/bench_kernels.py")
-    b.set_defaults(func=_bench)
+    b = sub.add_parser("bench", parents=[common], help="kernel benchmark (GPU if present, else CPU comparison)",
+                       description="Every argument after 'bench' goes to benchmarks/bench_kernels.py unchanged.")
+    b.set_defaults(func=_bench, bench_args=[])
     return p
 
 
@@ -327,9 +327,15 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     console = Console(highlight=False)
+    # 'bench' hands everything after it to the benchmark (argparse's REMAINDER mishandles leading options)
+    command = next((i for i, a in enumerate(argv) if not a.startswith("-")), len(argv))
+    passed = argv[command + 1:] if argv[command:command + 1] == ["bench"] else []
+    argv = argv[:len(argv) - len(passed)]
     debug = "--debug" in argv
     try:
         args = _parser().parse_args(argv)
+        if passed:
+            args.bench_args = passed
         return args.func(args, console)
     except CLIError as e:
         if debug:
