@@ -3,8 +3,11 @@ from . import functional, reference, stats
 from .freeze import batch_norm_layers, freeze_stats, frozen_stats, unfreeze_stats
 from .nn import BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormBase
 from .stats import momentum
+from .doctor import doctor
+from .fold import fold
 
 __version__ = "0.1.0"
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormBase", "batch_norm_layers",
            "freeze_stats", "frozen_stats", "functional", "momentum", "reference", "stats", "unfreeze_stats"]
+__all__ += ["doctor", "fold"]
