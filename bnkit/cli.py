@@ -38,6 +38,10 @@ def _output_dir(path: str, force: bool) -> Path:
     return out
 
 
+def _first_line(e: Exception, limit: int = 200) -> str:
+    return (str(e).strip().splitlines() or [""])[0][:limit]
+
+
 # ---- bnkit momentum ----
 def _momentum(args, console) -> int:
     from rich.table import Table
@@ -51,8 +55,8 @@ def _momentum(args, console) -> int:
         values = {to: convert(value, convention, to) for to in ("momentum", "decay", "half_life")}
     except ValueError as e:
         raise CLIError(str(e)) from None
-    t = Table(title=f"{ {'decay': '--keras', 'momentum': '--torch', 'half_life': '--half-life'}[convention]} {value:g}",
-              title_justify="left")
+    flag = {"decay": "--keras", "momentum": "--torch", "half_life": "--half-life"}[convention]
+    t = Table(title=f"{flag} {value:g}", title_justify="left")
     for col in ("convention", "value", "in bnkit / torch"):
         t.add_column(col)
     t.add_row("PyTorch momentum (weight of the new batch)", f"{values['momentum']:.6g}",
@@ -80,12 +84,11 @@ def _load_model(path: str):
             model = torch.load(str(p), map_location="cpu", weights_only=False)
         except Exception as e:
             raise CLIError(f"cannot read model file {path} as a TorchScript or torch.save model "
-                           f"({type(e).__name__}: {str(e).strip().splitlines()[0][:160] if str(e).strip() else ''})") \
-                from None
+                           f"({type(e).__name__}: {_first_line(e)})") from None
     if isinstance(model, dict):
-        raise CLIError(f"{path} holds a {'state_dict' if all(isinstance(v, torch.Tensor) for v in model.values()) else 'dict'}, "
-                       f"not a model; save the whole model with torch.save(model, path) or "
-                       f"torch.jit.save(torch.jit.script(model), path)")
+        what = "state_dict" if all(isinstance(v, torch.Tensor) for v in model.values()) else "dict"
+        raise CLIError(f"{path} holds a {what}, not a model; save the whole model with torch.save(model, path) "
+                       f"or torch.jit.save(torch.jit.script(model), path)")
     if not isinstance(model, torch.nn.Module):
         raise CLIError(f"{path} holds a {type(model).__name__}, not a torch.nn.Module")
     return model
@@ -122,9 +125,8 @@ def _check_feeds(model, data, path: str) -> None:
         with torch.no_grad():
             copy.deepcopy(model).eval()(data[:2])
     except Exception as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise CLIError(f"the model in {path} cannot take the data (input shape {tuple(data.shape[1:])} per "
-                       f"sample): {first}") from None
+                       f"sample): {_first_line(e)}") from None
 
 
 def _doctor(args, console) -> int:
@@ -348,6 +350,6 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # anything unexpected: one line, the traceback with --debug
         if debug:
             raise
-        first = (str(e).strip().splitlines() or [""])[0]
-        print(f"bnkit: error: {type(e).__name__}: {first} (run with --debug for the traceback)", file=sys.stderr)
+        print(f"bnkit: error: {type(e).__name__}: {_first_line(e)} (run with --debug for the traceback)",
+              file=sys.stderr)
         return 1

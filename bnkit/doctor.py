@@ -135,7 +135,7 @@ class DoctorReport:
     def __str__(self) -> str:
         from rich.console import Console
 
-        console = Console(width=120)
+        console = Console(width=120, force_terminal=False, no_color=True)  # plain text
         with console.capture() as cap:
             self.print(console)
         return cap.get()
@@ -351,9 +351,10 @@ def _measure_eager(model: nn.Module, names: list[str], batches: list, forward, m
             calibrated = _population(model, trainable, forward, mode, progress)
             m.y_pop = _call(calibrated.eval(), probe_batch, forward)
             m.calibrated = {n: calibrated.get_submodule(n) for n in names}
-        except ImportError as e:
-            m.findings.append(Finding(MODEL, "info", f"population statistics not measured: {e}",
-                                      "install a bnkit version with bnkit.calibrate"))
+        except Exception as e:  # one failed measurement should not cost the rest of the diagnosis
+            m.findings.append(Finding(MODEL, "warning", f"population statistics not measured: bnkit.calibrate "
+                                      f"failed with {type(e).__name__}: {e}",
+                                      "fix the error above (run bnkit.calibrate(model, data) to see it in full)"))
     return m
 
 
