@@ -181,3 +181,13 @@ def test_training_mode_layer_folds_with_running_stats_and_says_so():
     assert "training mode" in report.folded[0].note
     x = torch.randn(6, 4)
     torch.testing.assert_close(folded(x), model.eval()(x), rtol=1e-5, atol=1e-6)
+
+
+def test_module_registered_twice_is_not_folded_in_sequential_fallback():
+    conv = nn.Conv2d(3, 3, 1)
+    model = Untraceable()
+    model.body = nn.Sequential(conv, nn.BatchNorm2d(3))
+    model.head = nn.Sequential(conv, nn.BatchNorm2d(3))  # the same conv object lives in two chains
+    _, report = fold(model.eval())
+    assert report.method == "sequential" and report.folded == []
+    assert all("0 is shared (registered 2 times" in n.reason for n in report.not_folded), report
