@@ -7,6 +7,8 @@ from .nn import BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormBase
 from .nn import LazyBatchNorm1d, LazyBatchNorm2d, LazyBatchNorm3d
 from .keras import from_keras, to_keras
 from .stats import momentum
+from .doctor import doctor
+from .fold import fold
 
 __version__ = "0.1.0"
 
@@ -14,3 +16,4 @@ __all__ = ["accumulate", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNorm
            "calibrate", "CalibrationReport",
            "freeze_stats", "frozen_stats", "functional", "momentum", "reference", "stats", "unfreeze_stats"]
 __all__ += ["LazyBatchNorm1d", "LazyBatchNorm2d", "LazyBatchNorm3d", "from_keras", "to_keras"]
+__all__ += ["doctor", "fold"]

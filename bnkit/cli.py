@@ -1,0 +1,355 @@
+"""The ``bnkit`` command.
+
+``bnkit demo``       train a small BN CNN on scikit-learn's bundled digits and show batch norm's pitfalls
+``bnkit doctor``     diagnose a saved model (TorchScript or ``torch.save`` of the whole model)
+``bnkit momentum``   convert a momentum between PyTorch, Keras and half-life conventions
+``bnkit bench``      the kernel benchmark (benchmarks/bench_kernels.py of a source checkout)
+
+Errors print one line and exit non-zero; ``--debug`` shows the traceback instead.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+from pathlib import Path
+
+__all__ = ["main"]
+
+
+class CLIError(Exception):
+    """A user error: printed as one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line instead of argparse's usage block
+        raise CLIError(f"{message} (see '{self.prog} --help')")
+
+
+def _output_dir(path: str, force: bool) -> Path:
+    """Refuse an existing path unless ``force``; even then only the report's own files are replaced
+    (never delete a folder the user named by mistake, such as ``--out .``)."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"output path {out} exists and is not a directory")
+    if out.exists() and not force:
+        raise CLIError(f"output directory {out} exists; pass --force to write the report into it anyway")
+    return out
+
+
+def _first_line(e: Exception, limit: int = 200) -> str:
+    return (str(e).strip().splitlines() or [""])[0][:limit]
+
+
+# ---- bnkit momentum ----
+def _momentum(args, console) -> int:
+    from rich.table import Table
+
+    from .stats.momentum import convert
+
+    given = [(c, v) for c, v in (("decay", args.keras), ("momentum", args.torch), ("half_life", args.half_life))
+             if v is not None]
+    convention, value = given[0]
+    try:
+        values = {to: convert(value, convention, to) for to in ("momentum", "decay", "half_life")}
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    flag = {"decay": "--keras", "momentum": "--torch", "half_life": "--half-life"}[convention]
+    t = Table(title=f"{flag} {value:g}", title_justify="left")
+    for col in ("convention", "value", "in bnkit / torch"):
+        t.add_column(col)
+    t.add_row("PyTorch momentum (weight of the new batch)", f"{values['momentum']:.6g}",
+              f"torch.nn.BatchNorm2d(C, momentum={values['momentum']:.6g})")
+    t.add_row("Keras/TF/Flax momentum (weight of the old value)", f"{values['decay']:.6g}",
+              f"bnkit.BatchNorm2d(C, decay={values['decay']:.6g})")
+    t.add_row("half-life (steps until a batch's weight halves)", f"{values['half_life']:.6g}",
+              f"bnkit.BatchNorm2d(C, half_life={values['half_life']:.6g})")
+    console.print(t)
+    return 0
+
+
+# ---- bnkit doctor ----
+def _load_model(path: str):
+    import torch
+
+    p = Path(path)
+    if not p.is_file():
+        raise CLIError(f"cannot read model file {path}: no such file")
+    try:
+        model = torch.jit.load(str(p), map_location="cpu")
+    except Exception:
+        try:
+            # A torch.save of a whole model is a pickle: it runs code from the file. Load only files you trust.
+            model = torch.load(str(p), map_location="cpu", weights_only=False)
+        except Exception as e:
+            raise CLIError(f"cannot read model file {path} as a TorchScript or torch.save model "
+                           f"({type(e).__name__}: {_first_line(e)})") from None
+    if isinstance(model, dict):
+        what = "state_dict" if all(isinstance(v, torch.Tensor) for v in model.values()) else "dict"
+        raise CLIError(f"{path} holds a {what}, not a model; save the whole model with torch.save(model, path) "
+                       f"or torch.jit.save(torch.jit.script(model), path)")
+    if not isinstance(model, torch.nn.Module):
+        raise CLIError(f"{path} holds a {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def _load_data(args):
+    import torch
+
+    if args.demo_data:
+        from .digits import load_digits
+
+        return load_digits()[0]
+    p = Path(args.data)
+    if not p.is_file():
+        raise CLIError(f"cannot read data file {args.data}: no such file")
+    try:
+        data = torch.load(str(p), map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CLIError(f"cannot read data file {args.data} with torch.load ({type(e).__name__})") from None
+    if isinstance(data, (tuple, list)) and data and isinstance(data[0], torch.Tensor):
+        data = data[0]  # an (inputs, targets) pair
+    if not isinstance(data, torch.Tensor) or not data.is_floating_point() or data.dim() < 2:
+        what = f"a tensor of shape {tuple(data.shape)} and dtype {data.dtype}" if isinstance(data, torch.Tensor) \
+            else f"a {type(data).__name__}"
+        raise CLIError(f"data file {args.data} holds {what}; expected a floating-point tensor (N, ...) of inputs")
+    return data
+
+
+def _check_feeds(model, data, path: str) -> None:
+    """Run one small batch so a shape mismatch is one clear line before any measurement."""
+    import torch
+
+    try:
+        with torch.no_grad():
+            copy.deepcopy(model).eval()(data[:2])
+    except Exception as e:
+        raise CLIError(f"the model in {path} cannot take the data (input shape {tuple(data.shape[1:])} per "
+                       f"sample): {_first_line(e)}") from None
+
+
+def _doctor(args, console) -> int:
+    from .doctor import doctor
+
+    out = _output_dir(args.out, args.force) if args.out else None
+    model = _load_model(args.model)
+    data = _load_data(args)
+    _check_feeds(model, data, args.model)
+    report = doctor(model, data, num_batches=args.num_batches, batch_size=args.batch_size, mode=args.mode)
+    report.print(console)
+    if out is not None:
+        report.save(out)
+        console.print(f"report written to {out}/index.html")
+    return 1 if any(f.severity == "error" for f in report.findings) and args.strict else 0
+
+
+# ---- bnkit demo ----
+def _train(model, x, y, epochs: int, batch_size: int, progress, label: str):
+    from .digits import train
+
+    steps = epochs * (len(x) // batch_size)
+    task = progress.add_task(label, total=steps)
+    train(model, x, y, epochs=epochs, batch_size=batch_size, on_step=lambda s: progress.update(task, completed=s))
+    return model
+
+
+def _accuracy_without_eval(model, x, y, batch_size: int) -> float:
+    """Accuracy when model.eval() was forgotten: batch statistics of each test batch (frozen: no update)."""
+    import torch
+
+    from .digits import batches
+    from .freeze import frozen_stats
+
+    model.train()
+    correct = total = 0
+    with torch.no_grad(), frozen_stats(model):
+        for xb, yb in batches(x, y, batch_size, shuffle=False, drop_last=True):
+            correct += int((model(xb).argmax(1) == yb).sum())
+            total += len(yb)
+    model.eval()
+    return correct / total
+
+
+def _calibrated(model, x, batch_size: int = 256):
+    from .calibrate import calibrate  # lazy: its own module
+
+    c = copy.deepcopy(model)
+    calibrate(c, list(x.split(batch_size)), num_batches=len(x) // batch_size + 1, mode="precise", progress=False)
+    return c.eval()
+
+
+def _demo(args, console) -> int:
+    import torch
+
+    start = time.perf_counter()
+    out = _output_dir(args.out, args.force)
+    # 8x8 images: thread start-up costs more than it saves, and on shared cores intra-op threads
+    # were measured to make training ~70x slower. One thread is fast everywhere for this model.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _demo_run(args, console, out, start)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _demo_run(args, console, out: Path, start: float) -> int:
+    import torch
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.table import Table
+
+    from .digits import digits_cnn, evaluate, load_digits
+    from .doctor import doctor
+
+    torch.manual_seed(args.seed)
+    x, y, xt, yt = load_digits(seed=args.seed)
+    epochs = 1 if args.quick else 3
+    sweep = [(128, 1)] if args.quick else [(8, 3), (32, 3), (128, 3), (256, 3), (256, 12)]
+    forgot_eval_batches = (8, 64) if args.quick else (2, 8, 64)
+    console.rule("[bold]bnkit demo[/]: batch norm on scikit-learn's 8x8 digits (real data, no download)")
+    console.print(f"{len(x)} training and {len(xt)} test images; a 3-layer CNN with bnkit.BatchNorm2d after each "
+                  f"convolution (momentum 0.1, as torch.nn)")
+    columns = (TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(), TextColumn("steps"),
+               TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=False) as progress:
+        model = _train(digits_cnn(seed=args.seed), x, y, epochs, 64, progress, f"main model, batch 64 x {epochs} ep")
+        runs = [(bs, ep, _train(digits_cnn(seed=args.seed), x, y, ep, bs, progress, f"batch {bs} x {ep} epochs"))
+                for bs, ep in sweep]
+    model.eval()
+
+    console.rule("1. train/eval gap: what model.eval() changes")
+    t = Table(title_justify="left")
+    t.add_column("test accuracy of the main model")
+    t.add_column("", justify="right")
+    t.add_row("eval mode (running statistics)", f"{evaluate(model, xt, yt):.1%}")
+    for bs in forgot_eval_batches:
+        t.add_row(f"model.eval() forgotten, test batches of {bs}", f"{_accuracy_without_eval(model, xt, yt, bs):.1%}")
+    console.print(t)
+    console.print("Without eval() every prediction depends on the other images in its batch, the more so the smaller "
+                  "the batch (a batch of one fails outright). Where large test batches beat eval mode, the running "
+                  "statistics are stale: see 2. bnkit.freeze_stats(model, use_running=True) keeps a model in eval "
+                  "behaviour whatever its mode.")
+
+    console.rule("2. EMA running statistics vs population statistics (bnkit.calibrate)")
+    calibrated = _calibrated(model, x)
+    t = Table()
+    t.add_column("test accuracy")
+    t.add_column("", justify="right")
+    t.add_row("EMA running statistics (what training left)", f"{evaluate(model, xt, yt):.1%}")
+    t.add_row("population statistics (bnkit.calibrate, PreciseBN)", f"{evaluate(calibrated, xt, yt):.1%}")
+    console.print(t)
+    console.print("The EMA averages statistics of weights that kept changing; after short training it lags behind. "
+                  "Recomputing them on the training data costs one pass and no training.")
+
+    console.rule("3. batch-size effects (same learning rate)")
+    t = Table()
+    for col in ("batch size", "epochs", "steps", "eval, EMA", "eval, calibrated", "forgot eval(), batches of 8"):
+        t.add_column(col, justify="right")
+    for bs, ep, m in runs:
+        m.eval()
+        t.add_row(str(bs), str(ep), str(ep * (len(x) // bs)), f"{evaluate(m, xt, yt):.1%}",
+                  f"{evaluate(_calibrated(m, x), xt, yt):.1%}", f"{_accuracy_without_eval(m, xt, yt, 8):.1%}")
+    console.print(t)
+    console.print("Large batches mean few steps per epoch: the EMA has seen too few updates of the final weights, "
+                  "and calibration recovers most of the gap; longer training closes it.")
+
+    console.rule("4. bnkit.doctor on the main model")
+    report = doctor(model, x, batch_size=128)
+    report.print(console)
+    report.save(out)
+    console.print(f"report written to {out}/index.html ({', '.join(sorted(p.name for p in out.iterdir()))})")
+    console.print(f"demo finished in {time.perf_counter() - start:.0f} s")
+    return 0
+
+
+# ---- bnkit bench ----
+def _bench(args, console) -> int:
+    import importlib
+
+    # A console script does not have the checkout on sys.path; benchmarks/ sits next to the package.
+    root = Path(__file__).resolve().parent.parent
+    if (root / "benchmarks" / "bench_kernels.py").is_file() and str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    try:
+        bench = importlib.import_module("benchmarks.bench_kernels")
+    except ModuleNotFoundError as e:
+        if e.name not in ("benchmarks", "benchmarks.bench_kernels"):
+            raise
+        raise CLIError("the kernel benchmark (benchmarks/bench_kernels.py) is not part of this installation; "
+                       "run 'bnkit bench' from a source checkout of bnkit") from None
+    return int(bench.main(args.bench_args) or 0)
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    # main() looks for --debug in argv itself, so that it also applies to errors while parsing
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show the full traceback on errors")
+    p = _Parser(prog="bnkit", description="bnkit: batch normalization for PyTorch, done right.", parents=[common])
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    d = sub.add_parser("demo", parents=[common], help="train a BN CNN on the bundled digits and show the pitfalls")
+    d.add_argument("--out", default="bnkit-demo-report", help="report folder (default: ./bnkit-demo-report)")
+    d.add_argument("--force", action="store_true", help="replace the report folder if it exists")
+    d.add_argument("--quick", action="store_true", help="a few seconds instead of about a minute (for tests)")
+    d.add_argument("--seed", type=int, default=0)
+    d.set_defaults(func=_demo)
+
+    doc = sub.add_parser("doctor", parents=[common], help="diagnose the batch-norm layers of a saved model")
+    doc.add_argument("model", help="TorchScript file or torch.save(model) file (only load files you trust)")
+    src = doc.add_mutually_exclusive_group(required=True)
+    src.add_argument("--data", help="torch.save'd input tensor (N, ...) or (inputs, targets) pair")
+    src.add_argument("--demo-data", action="store_true", help="use the bundled digits images (N, 1, 8, 8)")
+    doc.add_argument("--out", help="also write the report folder (HTML + PNG) here")
+    doc.add_argument("--force", action="store_true", help="replace --out if it exists")
+    doc.add_argument("--batch-size", type=int, default=64)
+    doc.add_argument("--num-batches", type=int, default=50)
+    doc.add_argument("--mode", choices=("precise", "eval_consistent"), default="precise",
+                     help="how bnkit.calibrate measures the population statistics")
+    doc.add_argument("--strict", action="store_true", help="exit 1 when there is an error finding")
+    doc.set_defaults(func=_doctor)
+
+    m = sub.add_parser("momentum", parents=[common], help="convert a momentum between conventions")
+    g = m.add_mutually_exclusive_group(required=True)
+    g.add_argument("--keras", type=float, help="Keras/TF/Flax momentum (weight of the old value), e.g. 0.99")
+    g.add_argument("--torch", type=float, help="PyTorch momentum (weight of the new batch), e.g. 0.1")
+    g.add_argument("--half-life", type=float, help="steps after which a batch's weight has halved")
+    m.set_defaults(func=_momentum)
+
+    b = sub.add_parser("bench", parents=[common], help="kernel benchmark (GPU if present, else CPU comparison)",
+                       description="Every argument after 'bench' goes to benchmarks/bench_kernels.py unchanged.")
+    b.set_defaults(func=_bench, bench_args=[])
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the ``bnkit`` command with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
+    from rich.console import Console
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    console = Console(highlight=False)
+    # 'bench' hands everything after it to the benchmark (argparse's REMAINDER mishandles leading options)
+    command = next((i for i, a in enumerate(argv) if not a.startswith("-")), len(argv))
+    passed = argv[command + 1:] if argv[command:command + 1] == ["bench"] else []
+    argv = argv[:len(argv) - len(passed)]
+    debug = "--debug" in argv
+    try:
+        args = _parser().parse_args(argv)
+        if passed:
+            args.bench_args = passed
+        return args.func(args, console)
+    except CLIError as e:
+        if debug:
+            raise
+        print(f"bnkit: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("bnkit: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # anything unexpected: one line, the traceback with --debug
+        if debug:
+            raise
+        print(f"bnkit: error: {type(e).__name__}: {_first_line(e)} (run with --debug for the traceback)",
+              file=sys.stderr)
+        return 1

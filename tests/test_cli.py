@@ -1,0 +1,126 @@
+"""The bnkit command, driven through main(argv) and, for a few cases, a real `python -m bnkit` subprocess."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from bnkit.digits import digits_cnn
+from bnkit.cli import CLIError, main
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def wide_terminal(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "250")  # rich wraps table cells to the terminal width
+
+
+def run(capsys, *argv):
+    rc = main(list(argv))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def _one_line_error(rc, err, *fragments):
+    assert rc == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    for f in fragments:
+        assert f in err, err
+
+
+@pytest.fixture
+def digits_model(tmp_path):
+    model = digits_cnn(width=4).eval()
+    with torch.no_grad():
+        model[1].running_mean += 1.0  # a planted stale statistic for the doctor to find
+    path = tmp_path / "model.pt"
+    torch.save(model, path)
+    return path
+
+
+def test_momentum_conversions(capsys):
+    rc, out, _ = run(capsys, "momentum", "--keras", "0.99")
+    assert rc == 0 and "momentum=0.01)" in out and "decay=0.99)" in out
+    assert "68.9" in out  # half-life: log(0.5) / log(0.99) = 68.97 steps
+    rc, out, _ = run(capsys, "momentum", "--half-life", "1")
+    assert rc == 0 and "momentum=0.5)" in out
+    _one_line_error(*run(capsys, "momentum", "--torch", "1.5")[::2], "momentum must be in [0, 1]")
+    _one_line_error(*run(capsys, "momentum")[::2], "one of the arguments --keras --torch --half-life is required")
+
+
+def test_doctor_on_a_saved_model(capsys, digits_model, tmp_path, calibrate):
+    out_dir = tmp_path / "rep"
+    rc, out, _ = run(capsys, "doctor", str(digits_model), "--demo-data", "--out", str(out_dir))
+    assert rc == 0 and "EMA running statistics differ" in out and (out_dir / "index.html").is_file()
+    _one_line_error(*run(capsys, "doctor", str(digits_model), "--demo-data", "--out", str(out_dir))[::2],
+                    "exists", "--force")
+    rc, _, _ = run(capsys, "doctor", str(digits_model), "--demo-data", "--out", str(out_dir), "--force", "--strict")
+    assert rc == 1  # --strict: an error finding fails the command
+
+
+def test_doctor_on_torchscript_with_a_data_file(capsys, tmp_path, calibrate):
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4, momentum=0.99), nn.ReLU()).eval()
+    torch.jit.save(torch.jit.script(model), tmp_path / "m.ts")
+    torch.save((torch.randn(40, 1, 8, 8), torch.zeros(40)), tmp_path / "data.pt")
+    rc, out, _ = run(capsys, "doctor", str(tmp_path / "m.ts"), "--data", str(tmp_path / "data.pt"))
+    assert rc == 0 and "Keras" in out and "TorchScript" in out
+
+
+def test_doctor_bad_input(capsys, digits_model, tmp_path):
+    _one_line_error(*run(capsys, "doctor", str(tmp_path / "nope.pt"), "--demo-data")[::2], "no such file")
+    (tmp_path / "junk.pt").write_bytes(b"not a model")
+    _one_line_error(*run(capsys, "doctor", str(tmp_path / "junk.pt"), "--demo-data")[::2], "cannot read model file")
+    torch.save(nn.BatchNorm2d(3).state_dict(), tmp_path / "sd.pt")
+    _one_line_error(*run(capsys, "doctor", str(tmp_path / "sd.pt"), "--demo-data")[::2], "state_dict",
+                    "torch.save(model, path)")
+    torch.save(torch.randn(10, 3, 8, 8), tmp_path / "wrong.pt")
+    _one_line_error(*run(capsys, "doctor", str(digits_model), "--data", str(tmp_path / "wrong.pt"))[::2],
+                    "cannot take the data", "(3, 8, 8)")
+    torch.save(torch.arange(10), tmp_path / "ints.pt")
+    _one_line_error(*run(capsys, "doctor", str(digits_model), "--data", str(tmp_path / "ints.pt"))[::2],
+                    "expected a floating-point tensor")
+    with pytest.raises(CLIError):  # --debug: the exception itself, with its traceback
+        main(["doctor", str(tmp_path / "nope.pt"), "--demo-data", "--debug"])
+
+
+def test_demo_quick(capsys, tmp_path, calibrate):
+    out_dir = tmp_path / "demo"
+    rc, out, _ = run(capsys, "demo", "--quick", "--out", str(out_dir))
+    assert rc == 0
+    for section in ("1. train/eval gap", "2. EMA running statistics vs population", "3. batch-size effects",
+                    "4. bnkit.doctor"):
+        assert section in out
+    assert sorted(p.name for p in out_dir.iterdir()) == ["ema_vs_population.png", "index.html",
+                                                        "layer_errors.png", "report.json"]
+    _one_line_error(*run(capsys, "demo", "--quick", "--out", str(out_dir))[::2], "exists")
+
+
+def test_bench_is_passed_through_or_explained(capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "benchmarks.bench_kernels", None)  # as if the checkout had no benchmarks/
+    _one_line_error(*run(capsys, "bench")[::2], "benchmarks/bench_kernels.py", "source checkout")
+    seen = []
+    fake = type(sys)("benchmarks.bench_kernels")
+    fake.main = lambda argv: seen.append(argv) or 0
+    monkeypatch.setitem(sys.modules, "benchmarks", type(sys)("benchmarks"))
+    monkeypatch.setitem(sys.modules, "benchmarks.bench_kernels", fake)
+    assert run(capsys, "bench", "--cpu", "--size", "small")[0] == 0
+    assert seen == [["--cpu", "--size", "small"]]
+
+
+def _subprocess(*argv):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "bnkit", *argv], capture_output=True, text=True, env=env,
+                          cwd=ROOT, timeout=120)
+
+
+def test_python_dash_m_bnkit():
+    ok = _subprocess("momentum", "--torch", "0.1")
+    assert ok.returncode == 0 and "decay=0.9)" in ok.stdout
+    bad = _subprocess("doctor", "missing-model.pt", "--demo-data")
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "Traceback" not in bad.stderr
+    assert "missing-model.pt" in bad.stderr
+    debug = _subprocess("doctor", "missing-model.pt", "--demo-data", "--debug")
+    assert debug.returncode == 1 and "Traceback" in debug.stderr

@@ -1,0 +1,149 @@
+"""bnkit.doctor: planted problems are found (and nothing is found on a healthy model).
+
+Population statistics come from bnkit.calibrate (the ``calibrate`` fixture in conftest.py).
+"""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import bnkit
+from bnkit.doctor import doctor
+
+
+def _data(n=512, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, 8, 8, generator=g) * 2 + 1
+
+
+def _model(momentum=0.1, track=True, seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8, momentum=momentum, track_running_stats=track),
+                         nn.ReLU(), nn.Conv2d(8, 6, 3, padding=1), bnkit.BatchNorm2d(6), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 4), nn.BatchNorm1d(4))
+
+
+@pytest.fixture
+def healthy(calibrate):
+    model = _model()
+    calibrate(model, list(_data().split(128)), num_batches=4, progress=False)
+    return model.eval()
+
+
+def _codes(report, layer):
+    return " | ".join(f.problem for f in report.findings_for(layer))
+
+
+def test_healthy_model_has_no_findings_and_is_not_modified(healthy):
+    before = copy.deepcopy(healthy.state_dict())
+    report = doctor(healthy, _data(), batch_size=128)
+    assert report.findings == [], [f.problem for f in report.findings]
+    assert report.ok and [d.name for d in report.layers] == ["1", "4", "9"]
+    assert all(d.mean_error < 1e-4 and d.var_error < 1e-4 for d in report.layers)
+    assert report.summary["samples"] == 512 and report.summary["batches"] == 4
+    assert all(torch.equal(before[k], v) for k, v in healthy.state_dict().items())
+    assert not healthy.training
+
+
+def test_error_measures_equal_hand_computed_values(healthy):
+    bn = healthy[1]
+    std0 = float((bn.running_var[0] + bn.eps).sqrt())
+    var1 = float(bn.running_var[1])
+    with torch.no_grad():
+        bn.running_mean[0] += 0.5 * std0
+        bn.running_var[1] *= 1.3
+    d = doctor(healthy, _data(), batch_size=128).layers[0]
+    assert d.mean_error == pytest.approx(0.5, rel=1e-4)
+    assert d.var_error == pytest.approx(0.3 * var1 / (var1 + bn.eps), rel=1e-4)
+
+
+def test_stale_statistics_are_found_in_that_layer_only(healthy):
+    with torch.no_grad():
+        healthy[4].running_mean += 3.0
+    report = doctor(healthy, _data(), batch_size=128)
+    assert "EMA running statistics differ" in _codes(report, "4")
+    assert "bnkit.calibrate" in report.findings_for("4")[0].fix
+    assert report.findings_for("1") == []
+    assert report.summary["output_gap_ema_vs_population"] > 0.01
+
+
+def test_keras_momentum_is_found(calibrate):
+    model = _model(momentum=0.99)
+    calibrate(model, list(_data().split(128)), num_batches=4, progress=False)
+    report = doctor(model.eval(), _data(), batch_size=128)
+    [f] = report.findings_for("1")
+    assert "Keras" in f.problem and "momentum=0.01" in f.fix and "decay=0.99" in f.fix
+
+
+def test_layer_left_in_train_mode_is_an_error(healthy):
+    healthy[4].train()
+    report = doctor(healthy, _data(), batch_size=128)
+    [f] = report.findings_for("4")
+    assert f.severity == "error" and "training mode" in f.problem and "model.eval()" in f.fix
+
+
+def test_collapsed_channel_is_found(calibrate):
+    model = _model()
+    with torch.no_grad():
+        model[3].weight[2].zero_()  # channel 2 of the second conv outputs its bias: a constant
+    calibrate(model, list(_data().split(128)), num_batches=4, progress=False)
+    report = doctor(model.eval(), _data(), batch_size=128)
+    assert report.layers[1].collapsed_channels == [2]
+    assert "1 of 6 channels" in _codes(report, "4")
+
+
+def test_batch_of_one_and_loader_without_drop_last(healthy):
+    data = _data(n=257)  # 2 batches of 128 and a last batch of 1
+    loader = torch.utils.data.DataLoader(data, batch_size=128)
+    report = doctor(healthy, loader)
+    assert report.layers[2].min_values_per_channel == 1          # BatchNorm1d after pooling sees N values
+    assert "single value per channel" in _codes(report, "9")
+    assert "drop_last=True" in report.findings_for("(model)")[0].fix
+    assert report.findings_for("1") == []                        # 64 values per channel even for one image
+
+
+def test_few_values_and_no_running_stats(calibrate):
+    model = _model(track=False)
+    calibrate(model, list(_data().split(128)), num_batches=4, progress=False)
+    report = doctor(model.eval(), _data(n=64), batch_size=8)
+    assert "track_running_stats=False" in _codes(report, "1")
+    assert "only 8 values per channel" in _codes(report, "9")
+
+
+def test_save_writes_html_json_and_plots(healthy, tmp_path):
+    healthy[1].momentum = 0.9
+    report = doctor(healthy, _data(), batch_size=128)
+    out = report.save(tmp_path / "rep")
+    assert sorted(p.name for p in out.iterdir()) == ["ema_vs_population.png", "index.html", "layer_errors.png",
+                                                    "report.json"]
+    page = (out / "index.html").read_text()
+    assert "momentum=0.9" in page and "layer_errors.png" in page
+    assert (out / "layer_errors.png").read_bytes()[:4] == b"\x89PNG"
+    assert "Keras" in str(report)
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="has no batch-norm layer"):
+        doctor(nn.Linear(2, 2), torch.randn(4, 2))
+    with pytest.raises(ValueError, match="batch dimension"):
+        doctor(_model(), torch.tensor(1.0))
+
+
+def test_torchscript_models_get_the_configuration_checks(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8, momentum=0.9), nn.ReLU(), nn.Conv2d(8, 4, 3),
+                          bnkit.BatchNorm2d(4)).eval()
+    model[1].train()
+    scripted = nn.Sequential(*model[:4])  # bnkit layers are not scriptable; torch.jit.trace takes them
+    torch.jit.save(torch.jit.script(scripted), tmp_path / "s.pt")
+    torch.jit.save(torch.jit.trace(model, _data(n=4)), tmp_path / "t.pt")
+    for path, names in (("s.pt", ["1"]), ("t.pt", ["1", "4"])):
+        report = doctor(torch.jit.load(tmp_path / path), _data(), batch_size=128)
+        assert [d.name for d in report.layers] == names
+        assert "training mode" in _codes(report, "1")
+        assert "TorchScript" in report.findings_for("(model)")[0].problem
+    assert report.summary["output_gap_train_vs_eval"] == 0  # a trace fixed each layer's mode when it was taken
+    scripted_report = doctor(torch.jit.load(tmp_path / "s.pt"), _data())
+    assert scripted_report.summary["output_gap_train_vs_eval"] > 0
+    assert "Keras" in _codes(scripted_report, "1")  # a scripted layer keeps its momentum

@@ -1,0 +1,193 @@
+"""bnkit.fold: the folded model's eval output equals the unfolded eval model's (the reference)."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import bnkit
+from bnkit.fold import fold
+
+
+def _randomize_bn(bn: nn.Module, gen: torch.Generator) -> None:
+    """Non-trivial running statistics and affine parameters, so a wrong fold cannot pass."""
+    c = bn.num_features
+    with torch.no_grad():
+        bn.running_mean.copy_(torch.randn(c, generator=gen) * 2)
+        bn.running_var.copy_(torch.rand(c, generator=gen) * 3 + 0.05)
+        if bn.weight is not None:
+            bn.weight.copy_(torch.randn(c, generator=gen))
+            bn.bias.copy_(torch.randn(c, generator=gen))
+
+
+def _check_equal(model: nn.Module, x: torch.Tensor, rtol: float):
+    model.eval()
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            _randomize_bn(m, torch.Generator().manual_seed(m.num_features))
+    with torch.no_grad():
+        want = model(x)
+        folded, report = fold(model)
+        got = folded.eval()(x)
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in folded.modules()), str(report)
+    scale = want.abs().max()
+    assert (got - want).abs().max() <= rtol * scale, float((got - want).abs().max() / scale)
+    return folded, report
+
+
+# (layer, bn class, input shape)
+CASES = {
+    "conv1d": (lambda b: nn.Conv1d(4, 6, 3, bias=b), nn.BatchNorm1d, (5, 4, 11)),
+    "conv2d": (lambda b: nn.Conv2d(4, 6, 3, padding=1, bias=b), nn.BatchNorm2d, (5, 4, 7, 7)),
+    "conv3d": (lambda b: nn.Conv3d(4, 6, 3, bias=b), nn.BatchNorm3d, (2, 4, 5, 5, 5)),
+    "conv2d_groups_dilation": (lambda b: nn.Conv2d(4, 6, 3, groups=2, dilation=2, stride=2, bias=b),
+                               nn.BatchNorm2d, (3, 4, 11, 11)),
+    "depthwise": (lambda b: nn.Conv2d(6, 6, 3, groups=6, bias=b), nn.BatchNorm2d, (3, 6, 8, 8)),
+    "convT1d": (lambda b: nn.ConvTranspose1d(4, 6, 3, stride=2, bias=b), nn.BatchNorm1d, (5, 4, 9)),
+    "convT2d_groups": (lambda b: nn.ConvTranspose2d(4, 6, 3, stride=2, groups=2, dilation=2, output_padding=1,
+                                                    bias=b), nn.BatchNorm2d, (3, 4, 6, 6)),
+    "convT3d_groups": (lambda b: nn.ConvTranspose3d(6, 9, 2, groups=3, bias=b), nn.BatchNorm3d, (2, 6, 3, 3, 3)),
+    "linear": (lambda b: nn.Linear(7, 6, bias=b), nn.BatchNorm1d, (9, 7)),
+}
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("bn_kind", ["torch", "bnkit"])
+def test_each_layer_kind_float32(case, bias, bn_kind):
+    make, torch_bn, shape = CASES[case]
+    torch.manual_seed(0)
+    layer = make(bias)
+    c = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
+    bn = torch_bn(c) if bn_kind == "torch" else getattr(bnkit, torch_bn.__name__)(c)
+    folded, report = _check_equal(nn.Sequential(layer, bn), torch.randn(shape), rtol=1e-5)
+    assert [(p.bn, p.into, p.replaced_by) for p in report.folded] == [("1", "0", "Identity")]
+    assert folded[0].bias is not None and report.not_folded == []
+
+
+@pytest.mark.parametrize("case", ["conv2d_groups_dilation", "convT2d_groups", "convT3d_groups", "linear"])
+def test_float64_is_exact(case):
+    make, torch_bn, shape = CASES[case]
+    torch.manual_seed(1)
+    layer = make(False).double()
+    c = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
+    _check_equal(nn.Sequential(layer, torch_bn(c).double()), torch.randn(shape, dtype=torch.float64), rtol=1e-12)
+
+
+def test_matches_torch_fuse_conv_bn_eval():
+    torch.manual_seed(2)
+    conv, bn = nn.Conv2d(3, 5, 3, groups=1), nn.BatchNorm2d(5)
+    _randomize_bn(bn, torch.Generator().manual_seed(3))
+    ref = torch.nn.utils.fusion.fuse_conv_bn_eval(conv.eval(), bn.eval())
+    folded, _ = fold(nn.Sequential(conv, bn).eval())
+    torch.testing.assert_close(folded[0].weight, ref.weight, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(folded[0].bias, ref.bias, rtol=1e-6, atol=1e-7)
+
+
+def test_nested_sequential_and_copy_semantics():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)), nn.ReLU(),
+                          nn.Sequential(nn.Sequential(nn.Conv2d(4, 4, 1)), nn.Dropout(0.0)),
+                          nn.Sequential(nn.Conv2d(4, 4, 1)), nn.Sequential(bnkit.BatchNorm2d(4)))
+    original = copy.deepcopy(model)
+    folded, report = _check_equal(model, torch.randn(2, 3, 6, 6), 1e-5)
+    assert sorted((p.bn, p.into) for p in report.folded) == [("0.1", "0.0"), ("4.0", "3.0")]
+    # the copy was folded; the model given is untouched
+    assert isinstance(model[0][1], nn.BatchNorm2d)
+    assert torch.equal(model[0][0].weight, original[0][0].weight)
+    same, _ = fold(model, inplace=True)
+    assert same is model and isinstance(model[0][1], nn.Identity)
+
+
+def test_bnkit_activation_is_kept_as_a_module():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), bnkit.BatchNorm2d(4, activation="leaky_relu", negative_slope=0.2))
+    folded, report = _check_equal(model, torch.randn(2, 3, 6, 6), 1e-5)
+    assert isinstance(folded[1], nn.LeakyReLU) and folded[1].negative_slope == 0.2
+    assert report.folded[0].replaced_by == "LeakyReLU"
+
+
+class Residual(nn.Module):
+    def __init__(self, reuse: bool = False):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
+        self.conv2, self.bn2 = nn.Conv2d(4, 4, 3, padding=1), bnkit.BatchNorm2d(4)
+        self.reuse = reuse
+
+    def forward(self, x):
+        y = torch.relu(self.bn1(self.conv1(x)))
+        z = self.conv2(y)
+        out = self.bn2(z) + x
+        return out + z if self.reuse else out
+
+
+def test_fx_traced_model_keeps_its_class():
+    folded, report = _check_equal(Residual(), torch.randn(2, 4, 5, 5), 1e-5)
+    assert report.method == "fx" and isinstance(folded, Residual)
+    assert {p.bn for p in report.folded} == {"bn1", "bn2"}
+
+
+def test_conv_output_used_elsewhere_is_not_folded():
+    model = Residual(reuse=True).eval()
+    folded, report = fold(model)
+    assert [p.bn for p in report.folded] == ["bn1"]
+    [skip] = report.not_folded
+    assert skip.bn == "bn2" and "also used" in skip.reason and "conv2" in skip.reason
+    x = torch.randn(2, 4, 5, 5)
+    torch.testing.assert_close(folded(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+class Untraceable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+        self.head = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent control flow: torch.fx cannot trace it
+            x = x * 1.0
+        return self.head(torch.relu(self.body(x)))
+
+
+def test_untraceable_model_falls_back_to_sequential_chains():
+    model = Untraceable().eval()
+    _randomize_bn(model.head, torch.Generator().manual_seed(5))
+    folded, report = fold(model)
+    assert report.method == "sequential" and "TraceError" in report.trace_error
+    assert [p.bn for p in report.folded] == ["body.1"]
+    assert [n.bn for n in report.not_folded] == ["head"]
+    x = torch.randn(2, 3, 6, 6).abs()
+    torch.testing.assert_close(folded(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_reasons_for_not_folding():
+    shared = nn.Conv2d(3, 3, 1)
+    no_stats = nn.BatchNorm2d(3, track_running_stats=False)
+    model = nn.Sequential(nn.ReLU(), nn.BatchNorm2d(3),         # not after a conv
+                          nn.Conv2d(3, 3, 1), no_stats,           # batch statistics even in eval
+                          shared, nn.BatchNorm2d(3), shared)      # conv called twice
+    folded, report = fold(model.train())
+    reasons = {n.bn: n.reason for n in report.not_folded}
+    assert "not from a conv/linear" in reasons["1"]
+    assert "track_running_stats=False" in reasons["3"]
+    assert "called 2 times" in reasons["5"]
+    assert report.folded == []
+    assert str(report).count("NOT folded") == 3
+
+
+def test_training_mode_layer_folds_with_running_stats_and_says_so():
+    model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3)).train()
+    _randomize_bn(model[1], torch.Generator().manual_seed(0))
+    folded, report = fold(model)
+    assert "training mode" in report.folded[0].note
+    x = torch.randn(6, 4)
+    torch.testing.assert_close(folded(x), model.eval()(x), rtol=1e-5, atol=1e-6)
+
+
+def test_module_registered_twice_is_not_folded_in_sequential_fallback():
+    conv = nn.Conv2d(3, 3, 1)
+    model = Untraceable()
+    model.body = nn.Sequential(conv, nn.BatchNorm2d(3))
+    model.head = nn.Sequential(conv, nn.BatchNorm2d(3))  # the same conv object lives in two chains
+    _, report = fold(model.eval())
+    assert report.method == "sequential" and report.folded == []
+    assert all("0 is shared (registered 2 times" in n.reason for n in report.not_folded), report
