@@ -2,9 +2,11 @@
 from . import functional, reference, stats
 from .freeze import batch_norm_layers, freeze_stats, frozen_stats, unfreeze_stats
 from .nn import BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormBase
+from .ops.backend import get_backend, set_backend
 from .stats import momentum
 
 __version__ = "0.1.0"
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormBase", "batch_norm_layers",
            "freeze_stats", "frozen_stats", "functional", "momentum", "reference", "stats", "unfreeze_stats"]
+__all__ += ["get_backend", "set_backend"]

@@ -11,7 +11,8 @@ import torch
 from torch.nn.modules.batchnorm import _BatchNorm as _TorchBatchNorm
 
 from ..functional import batch_statistics_update, check_nonfinite_policy
-from ..ops import check_activation, normalize
+from ..ops import check_activation, check_memory_efficient, normalize
+from ..ops.backend import kernels_for
 from ..stats import accumulation_dtype, batch_moments
 from ..stats import momentum as momentum_lib
 from ..validation import check_batch_size, check_input
@@ -53,6 +54,9 @@ class BatchNormBase(_TorchBatchNorm):
         negative_slope: of ``leaky_relu``.
         nonfinite: a batch whose statistics are NaN/Inf: ``"skip"`` its running update (default, warns),
             ``"raise"``, or ``"propagate"`` (torch's behaviour).
+        memory_efficient: Triton path, training: keep only the output for backward (In-Place ABN), so
+            the input can be freed; needs an invertible activation (identity, leaky_relu with a positive
+            slope) and no weight entry equal to 0. Ignored on the torch path.
 
     Shape:
         Input ``(N, C, *)``; output the same shape, dtype and memory format.
@@ -64,7 +68,8 @@ class BatchNormBase(_TorchBatchNorm):
     def __init__(self, num_features: int, eps: float = 1e-5, momentum=_UNSET, affine: bool = True,
                  track_running_stats: bool = True, device=None, dtype=None, *, decay: float | None = None,
                  half_life: float | None = None, momentum_schedule=None, total_steps: int | None = None,
-                 activation: str | None = None, negative_slope: float = 0.01, nonfinite: str = "skip"):
+                 activation: str | None = None, negative_slope: float = 0.01, nonfinite: str = "skip",
+                 memory_efficient: bool = False):
         name = f"{type(self).__name__}({num_features})"
         if not isinstance(num_features, int) or num_features < 1:
             raise ValueError(f"{type(self).__name__}: num_features must be a positive int, got {num_features!r}")
@@ -79,6 +84,7 @@ class BatchNormBase(_TorchBatchNorm):
         self.activation = check_activation(name, activation)
         self.negative_slope = negative_slope
         self.nonfinite = check_nonfinite_policy(name, nonfinite)
+        self.memory_efficient = check_memory_efficient(name, memory_efficient, self.activation, negative_slope)
         self.stats_frozen = None
 
     @property
@@ -122,11 +128,21 @@ class BatchNormBase(_TorchBatchNorm):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         self._check(input)
+        fused = kernels_for(input)  # the Triton ops, or None for the torch path (see bnkit.set_backend)
         if not self._uses_batch_stats():
+            if fused is not None:
+                return fused.eval_forward(input, self.running_mean, self.running_var, self.weight, self.bias,
+                                          self.eps, self.activation, self.negative_slope)
             acc = accumulation_dtype(input.dtype)
             return normalize(input, self.running_mean.to(acc), self.running_var.to(acc), self.weight, self.bias,
                              self.eps, self.activation, self.negative_slope)
         n = check_batch_size(self.layer_name, input)
+        if fused is not None:
+            update = self._updates_running_stats()
+            return fused.train_forward(self.layer_name, input, n, self.weight, self.bias, self.running_mean,
+                                       self.running_var, self.num_batches_tracked,
+                                       self._update_momentum() if update else None, update, self.nonfinite,
+                                       self.eps, self.activation, self.negative_slope, self.memory_efficient)
         mean, var = batch_moments(input)
         if self._updates_running_stats():
             batch_statistics_update(self.layer_name, mean, var, n, self.running_mean, self.running_var,

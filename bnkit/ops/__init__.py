@@ -1,6 +1,6 @@
 """Kernels: normalize + affine (+ activation), forward and backward. The torch path lives here;
 GPU kernels (Triton) are imported lazily so CPU users never need Triton."""
-from .activations import ACTIVATIONS, apply_activation, check_activation
+from .activations import ACTIVATIONS, apply_activation, check_activation, check_memory_efficient
 from .torch_ops import normalize
 
-__all__ = ["ACTIVATIONS", "apply_activation", "check_activation", "normalize"]
+__all__ = ["ACTIVATIONS", "apply_activation", "check_activation", "check_memory_efficient", "normalize"]

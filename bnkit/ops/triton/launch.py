@@ -1,0 +1,179 @@
+"""Launchers: tensors in, tensors out, no autograd. They choose the tiles and the split of the grid.
+
+``tuning`` overrides the choice (tests use small tiles and several splits so that the tile loops,
+the masks and the split merges all run on tiny tensors; a GPU session can tune with it).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from . import kernels as K
+
+#: ``block``: (BLOCK_N, BLOCK_L, BLOCK_C) or None (automatic); ``programs``: target number of
+#: programs per reduction or None (4 per SM on CUDA, 8 elsewhere).
+tuning = {"block": None, "programs": None}
+
+#: Elements per tile: enough bytes in flight per program, 32 fp32 registers per thread at 8 warps.
+TILE_ELEMENTS = 4096
+
+
+def as_ncl(x: torch.Tensor) -> torch.Tensor:
+    """``x`` itself when its spatial dimensions flatten to one stride, else a contiguous copy."""
+    return x if _spatial_stride(x) is not None else x.contiguous()
+
+
+def _spatial_stride(x: torch.Tensor) -> int | None:
+    """The one stride of the flattened spatial dimensions (1 when there are none), or None."""
+    dims = [(size, stride) for size, stride in zip(x.shape[2:], x.stride()[2:]) if size > 1]
+    for (_, outer), (size, inner) in zip(dims, dims[1:]):
+        if outer != inner * size:
+            return None
+    return dims[-1][1] if dims else 1
+
+
+def _strides(t: torch.Tensor) -> tuple[int, int, int]:
+    """``(sN, sL, sC)`` of an ``(N, C, *)`` tensor seen as ``(N, C, L)``."""
+    return t.stride(0), _spatial_stride(t), t.stride(1)
+
+
+@dataclass(frozen=True)
+class Plan:
+    N: int
+    C: int
+    L: int
+    block: tuple[int, int, int]
+    nbL: int
+    n_tiles: int
+    tps: int
+    splits: int
+    int64: bool
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return (triton.cdiv(self.C, self.block[2]), self.splits)
+
+    @property
+    def shape_args(self) -> tuple[int, int, int]:
+        return self.N, self.C, self.L
+
+    @property
+    def tile_args(self) -> tuple[int, int, int]:
+        return self.nbL, self.n_tiles, self.tps
+
+    def meta(self) -> dict:
+        bn, bl, bc = self.block
+        return dict(BLOCK_N=bn, BLOCK_L=bl, BLOCK_C=bc, INT64=self.int64, num_warps=8 if bn * bl * bc >= 2048 else 4)
+
+
+def _auto_block(N: int, C: int, L: int, sL: int, sC: int) -> tuple[int, int, int]:
+    if sC == 1 and C > 1 and (sL != 1 or L == 1):  # channels_last / (N, C): vectors along C
+        bc = min(triton.next_power_of_2(C), 64)
+        bl = min(triton.next_power_of_2(L), max(1, TILE_ELEMENTS // bc))
+    else:  # NCHW: vectors along the contiguous spatial axis, one channel per program
+        bc = 1
+        bl = min(triton.next_power_of_2(L), TILE_ELEMENTS)
+    bn = min(triton.next_power_of_2(N), max(1, TILE_ELEMENTS // (bc * bl)))
+    return bn, bl, bc
+
+
+def _max_offset(t: torch.Tensor) -> int:
+    return sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()))
+
+
+def plan(x: torch.Tensor, *others: torch.Tensor) -> Plan:
+    """Tiles and splits for ``x`` (already ``as_ncl``); ``others`` only widen the int64 decision."""
+    N, C = x.shape[0], x.shape[1]
+    L = math.prod(x.shape[2:])
+    sN, sL, sC = _strides(x)
+    block = tuning["block"] or _auto_block(N, C, L, sL, sC)
+    nbL = triton.cdiv(L, block[1])
+    n_tiles = triton.cdiv(N, block[0]) * nbL
+    programs = tuning["programs"]
+    if programs is None:
+        programs = 4 * torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 8
+    # >= `programs` programs in all, but never more splits than tiles
+    splits = max(1, min(n_tiles, triton.cdiv(programs, triton.cdiv(C, block[2]))))
+    tps = triton.cdiv(n_tiles, splits)
+    splits = triton.cdiv(n_tiles, tps)
+    int64 = max(_max_offset(t) for t in (x,) + others) >= 2**31
+    return Plan(N, C, L, block, nbL, n_tiles, tps, splits, int64)
+
+
+def _device_ctx(x: torch.Tensor):
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
+def train_forward(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum: float,
+                  cumulative: bool, unbias: float, eps: float, activation: str, negative_slope: float):
+    """Batch statistics, normalize + affine + activation, and (when running buffers are given) the
+    running-statistic update. Returns ``(y, mean, biased var, invstd)``; statistics in fp32."""
+    x = as_ncl(x)
+    p = plan(x)
+    C = p.C
+    f32 = dict(dtype=torch.float32, device=x.device)
+    cnt_p, mean_p, m2_p = (torch.empty(p.splits * C, **f32) for _ in range(3))
+    mean, var, invstd = (torch.empty(C, **f32) for _ in range(3))
+    y = torch.empty_like(x)
+    update = running_mean is not None
+    with _device_ctx(x):
+        K._stats_kernel[p.grid](x, cnt_p, mean_p, m2_p, *p.shape_args, *_strides(x), *p.tile_args, **p.meta())
+        K._finalize_stats_kernel[(p.grid[0],)](
+            cnt_p, mean_p, m2_p, mean, var, invstd,
+            running_mean if update else mean, running_var if update else var,
+            num_batches_tracked if cumulative else mean, C, p.splits, eps, momentum, unbias,
+            UPDATE=update, CUMULATIVE=cumulative, BLOCK_C=p.block[2])
+        _normalize(x, y, mean, invstd, weight, bias, p, eps, False, activation, negative_slope)
+    return y, mean, var, invstd
+
+
+def _normalize(x, y, mean, stat, weight, bias, p: Plan, eps, stat_is_var, activation, negative_slope):
+    K._normalize_kernel[p.grid](
+        x, y, mean, stat, weight if weight is not None else mean, bias if bias is not None else mean,
+        *p.shape_args, *_strides(x), *p.tile_args, eps, negative_slope,
+        STAT_IS_VAR=stat_is_var, HAS_W=weight is not None, HAS_B=bias is not None,
+        ACT=K.ACT_CODES[activation], **p.meta())
+
+
+def eval_forward(x, mean, var, weight, bias, eps: float, activation: str, negative_slope: float):
+    """``act((x - mean) / sqrt(var + eps) * weight + bias)`` with given (running) statistics."""
+    x = as_ncl(x)
+    p = plan(x)
+    y = torch.empty_like(x)
+    with _device_ctx(x):
+        _normalize(x, y, mean, var, weight, bias, p, eps, True, activation, negative_slope)
+    return y
+
+
+def backward(dy, saved, mean, stat, weight, bias, eps: float, training: bool, stat_is_var: bool,
+             activation: str, negative_slope: float, from_output: bool):
+    """``(dx, dgamma, dbeta)``; ``saved`` is the input x, or the output y when ``from_output``.
+
+    ``stat`` is invstd, or the variance when ``stat_is_var`` (eval: the running statistics). With
+    ``training`` the statistics are the batch's and dx carries their gradient.
+    """
+    saved = as_ncl(saved)
+    dy = dy if _spatial_stride(dy) is not None else dy.contiguous()
+    p = plan(saved, dy)
+    C = p.C
+    f32 = dict(dtype=torch.float32, device=saved.device)
+    sg_p, sgx_p = torch.empty(p.splits * C, **f32), torch.empty(p.splits * C, **f32)
+    dbeta, dgamma = torch.empty(C, **f32), torch.empty(C, **f32)
+    dx = torch.empty_like(saved)
+    w = weight if weight is not None else mean
+    b = bias if bias is not None else mean
+    flags = dict(STAT_IS_VAR=stat_is_var, HAS_W=weight is not None, HAS_B=bias is not None,
+                 ACT=K.ACT_CODES[activation], FROM_OUTPUT=from_output, **p.meta())
+    strides = (*_strides(saved), *_strides(dy))
+    with _device_ctx(saved):
+        K._grad_sums_kernel[p.grid](dy, saved, mean, stat, w, b, sg_p, sgx_p, *p.shape_args, *strides,
+                                    *p.tile_args, eps, negative_slope, **flags)
+        K._finalize_sums_kernel[(p.grid[0],)](sg_p, sgx_p, dbeta, dgamma, C, p.splits, BLOCK_C=p.block[2])
+        K._grad_input_kernel[p.grid](dy, saved, dx, mean, stat, w, b, dbeta, dgamma, *p.shape_args, *strides,
+                                     *p.tile_args, float(p.N * p.L), eps, negative_slope, TRAINING=training,
+                                     **flags)
+    return dx, dgamma, dbeta
