@@ -15,8 +15,9 @@ import triton
 from . import kernels as K
 
 #: ``block``: (BLOCK_N, BLOCK_L, BLOCK_C) or None (automatic); ``programs``: target number of
-#: programs per reduction or None (4 per SM on CUDA, 8 elsewhere).
-tuning = {"block": None, "programs": None}
+#: programs per reduction or None (4 per SM on CUDA, 8 elsewhere); ``int64``: force 64-bit offsets
+#: (True) or decide from the largest offset (None).
+tuning = {"block": None, "programs": None, "int64": None}
 
 #: Elements per tile: enough bytes in flight per program, 32 fp32 registers per thread at 8 warps.
 TILE_ELEMENTS = 4096
@@ -100,7 +101,9 @@ def plan(x: torch.Tensor, *others: torch.Tensor) -> Plan:
     splits = max(1, min(n_tiles, triton.cdiv(programs, triton.cdiv(C, block[2]))))
     tps = triton.cdiv(n_tiles, splits)
     splits = triton.cdiv(n_tiles, tps)
-    int64 = max(_max_offset(t) for t in (x,) + others) >= 2**31
+    int64 = tuning["int64"]
+    if int64 is None:
+        int64 = max(_max_offset(t) for t in (x,) + others) >= 2**31
     return Plan(N, C, L, block, nbL, n_tiles, tps, splits, int64)
 
 
