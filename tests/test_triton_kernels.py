@@ -280,3 +280,14 @@ def test_custom_ops_fake_and_schema(interpreter):
     torch.library.opcheck(torch.ops.bnkit.train_forward.default,
                           (x, w, b, torch.zeros(3), torch.ones(3), None, 0.1, False, 1.2, 1e-5, "relu", 0.01, False),
                           test_utils=("test_schema", "test_faketensor"))
+
+
+def test_torch_compile_traces_the_custom_ops(interpreter):
+    # fullgraph: the mutating op (running-stat update in the finalize kernel) functionalizes, no graph break
+    ours, theirs = _pair(bnkit.BatchNorm2d, 4, activation="relu", momentum=None, nonfinite="propagate")
+    compiled = torch.compile(ours, backend="aot_eager", fullgraph=True)
+    x, dy = torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3)
+    for a, b in zip(_run(compiled, x, dy, "triton"), _run(theirs, x, dy, "torch")):
+        _close(a, b, 1e-5)
+    _close(ours.running_var, theirs.running_var, 1e-6)
+    assert ours.num_batches_tracked.item() == 1

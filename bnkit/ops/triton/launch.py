@@ -6,6 +6,7 @@ the masks and the split merges all run on tiny tensors; a GPU session can tune w
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from dataclasses import dataclass
 
@@ -82,6 +83,11 @@ def _auto_block(N: int, C: int, L: int, sL: int, sC: int) -> tuple[int, int, int
     return bn, bl, bc
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int | None) -> int:
+    return torch.cuda.get_device_properties(torch.device("cuda", index)).multi_processor_count
+
+
 def _max_offset(t: torch.Tensor) -> int:
     return sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()))
 
@@ -96,7 +102,7 @@ def plan(x: torch.Tensor, *others: torch.Tensor) -> Plan:
     n_tiles = triton.cdiv(N, block[0]) * nbL
     programs = tuning["programs"]
     if programs is None:
-        programs = 4 * torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 8
+        programs = 4 * _sm_count(x.device.index) if x.is_cuda else 8
     # >= `programs` programs in all, but never more splits than tiles
     splits = max(1, min(n_tiles, triton.cdiv(programs, triton.cdiv(C, block[2]))))
     tps = triton.cdiv(n_tiles, splits)
