@@ -5,6 +5,7 @@ branches, int64 paths) for every activation and mode, and that the channels_last
 128-bit vector loads and stores when the sizes are multiples of 16 (as Triton specializes them).
 Runs in a subprocess because the kernels must be decorated without TRITON_INTERPRET.
 """
+import importlib.util
 import json
 import os
 import subprocess
@@ -12,7 +13,9 @@ import sys
 
 import pytest
 
-pytest.importorskip("triton", reason="Triton is not installed (pip install 'bnkit[triton]')")
+# not imported here: tests/test_triton_kernels.py needs Triton imported in interpreter mode first
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
+                                reason="Triton is not installed (pip install 'bnkit[triton]')")
 
 SCRIPT = r'''
 import itertools, json, re

@@ -11,10 +11,18 @@ import numpy as np
 import pytest
 import torch
 
-# Triton reads TRITON_INTERPRET when it (and its own jit'd library functions) are imported: set it first.
+# Triton reads TRITON_INTERPRET when it (and its own jit'd library functions) and bnkit's kernels are
+# imported: set it for those imports only, and again (monkeypatched) while this module's tests run.
 _interpret_before = os.environ.get("TRITON_INTERPRET")
 os.environ["TRITON_INTERPRET"] = "1"
-triton = pytest.importorskip("triton", reason="Triton is not installed (pip install 'bnkit[triton]')")
+try:
+    triton = pytest.importorskip("triton", reason="Triton is not installed (pip install 'bnkit[triton]')")
+    from bnkit.ops.triton import launch  # noqa: E402
+finally:
+    if _interpret_before is None:
+        del os.environ["TRITON_INTERPRET"]
+    else:
+        os.environ["TRITON_INTERPRET"] = _interpret_before
 
 import bnkit  # noqa: E402
 from bnkit import reference  # noqa: E402
@@ -25,19 +33,16 @@ SMALL = {"block": (2, 4, 2), "programs": 3, "int64": None}  # BLOCK_N, BLOCK_L, 
 
 @pytest.fixture(scope="module", autouse=True)
 def interpreter():
-    """The launchers, with Triton in interpreter mode; TRITON_INTERPRET is restored afterwards."""
+    """The launchers, with Triton in interpreter mode (needed at call time by the backend check)."""
     if type(triton.language.standard.zeros).__name__ != "InterpretedFunction":
         pytest.skip("Triton was imported before TRITON_INTERPRET=1 was set (another test imported it first); "
                     "run this file on its own")
-    from bnkit.ops.triton import launch
     saved = dict(launch.tuning)
-    yield launch
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TRITON_INTERPRET", "1")
+        yield launch
     launch.tuning.update(saved)
     backend.set_backend(None)
-    if _interpret_before is None:
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = _interpret_before
 
 
 @pytest.fixture()
