@@ -120,14 +120,27 @@ def test_train_step_matches_torch_path_and_numpy(tiles, activation, channels_las
         np.testing.assert_allclose(a.numpy(), b, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("shape", [(6, 3), (2, 3), (3, 4, 5), (2, 3, 2, 3, 3), (1, 3, 5, 1)],
-                         ids=["1d", "1d-tiny", "1d-L", "3d", "N=1"])
-def test_dims_and_tiny_batches(tiles, shape):
+def _ndhwc(x):
+    return x.to(memory_format=torch.channels_last_3d)
+
+
+def _nlc(x):  # (N, C, L) seen through a transpose of an (N, L, C) tensor: channels contiguous
+    return x.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+@pytest.mark.parametrize("shape,layout", [((6, 3), None), ((2, 3), None), ((3, 4, 5), None), ((3, 4, 5), _nlc),
+                                          ((2, 3, 2, 3, 3), None), ((2, 3, 2, 3, 3), _ndhwc), ((1, 3, 5, 1), None)],
+                         ids=["1d", "1d-tiny", "1d-L", "1d-NLC", "3d", "3d-channels_last", "N=1"])
+def test_dims_and_tiny_batches(tiles, shape, layout):
     cls = {2: bnkit.BatchNorm1d, 3: bnkit.BatchNorm1d, 4: bnkit.BatchNorm2d, 5: bnkit.BatchNorm3d}[len(shape)]
     x, dy = torch.randn(shape) + 1, torch.randn(shape)
+    if layout is not None:
+        x = layout(x)
     ours, theirs = _pair(cls, shape[1], activation="relu")
-    for a, b in zip(_run(ours, x, dy, "triton"), _run(theirs, x, dy, "torch")):
+    got = _run(ours, x, dy, "triton")
+    for a, b in zip(got, _run(theirs, x, dy, "torch")):
         _close(a, b, 1e-5)
+    assert got[0].stride() == x.stride()  # the output keeps the input's memory layout
     _close(ours.running_var, theirs.running_var, 1e-6)
 
 
