@@ -63,7 +63,7 @@ def _step(fn, model, x, dy, mode):
             with torch.no_grad():
                 return fn(x)
         return run
-    params = [p for p in model.parameters()]
+    params = list(model.parameters())
 
     def run():
         return torch.autograd.grad(fn(x), [x] + params, dy)

@@ -5,7 +5,6 @@ num_batches_tracked) and the NumPy specification in bnkit/reference.py. Small ti
 splits are forced so that tile loops, masks on odd sizes and the split merges all run.
 """
 import os
-import sys
 
 import numpy as np
 import pytest
@@ -290,7 +289,6 @@ def test_backend_selection(interpreter, monkeypatch):
 
 
 def test_custom_ops_fake_and_schema(interpreter):
-    from bnkit.ops.triton import ops  # noqa: F401  (registers the ops)
     x, w, b = torch.randn(2, 3, 3), torch.rand(3) + 0.5, torch.randn(3)
     mean, var = torch.randn(3), torch.rand(3) + 0.5
     torch.library.opcheck(torch.ops.bnkit.eval_forward.default, (x, mean, var, w, b, 1e-5, "silu", 0.01),
