@@ -216,7 +216,8 @@ def test_int64_offsets_path(interpreter):
     finally:
         interpreter.tuning.update(int64=None)
     big = torch.empty_strided((2, 3, 2**30), (3 * 2**30, 2**30, 1), device="meta")
-    assert interpreter.plan(big).int64 and not interpreter.plan(torch.empty(2, 3, 2**20, device="meta")).int64
+    small = torch.empty(2, 3, 2**20, device="meta")
+    assert interpreter.plan(big).meta["INT64"] and not interpreter.plan(small).meta["INT64"]
 
 
 def test_grad_output_with_other_layout_and_noncontiguous_input(interpreter):
@@ -293,8 +294,11 @@ def test_custom_ops_fake_and_schema(interpreter):
     mean, var = torch.randn(3), torch.rand(3) + 0.5
     torch.library.opcheck(torch.ops.bnkit.eval_forward.default, (x, mean, var, w, b, 1e-5, "silu", 0.01),
                           test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(torch.ops.bnkit.backward.default,
+                          (torch.randn(2, 3, 3), x, mean, var, w, b, 1e-5, True, False, "leaky_relu", 0.1, False),
+                          test_utils=("test_schema", "test_faketensor"))
     torch.library.opcheck(torch.ops.bnkit.train_forward.default,
-                          (x, w, b, torch.zeros(3), torch.ones(3), None, 0.1, False, 1.2, 1e-5, "relu", 0.01, False),
+                          (x, w, b, torch.zeros(3), torch.ones(3), None, 0.1, False, 1.2, 1e-5, "relu", 0.01),
                           test_utils=("test_schema", "test_faketensor"))
 
 

@@ -11,7 +11,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import triton
 
 from . import kernels as K
 
@@ -22,6 +21,15 @@ tuning = {"block": None, "programs": None, "int64": None}
 
 #: Elements per tile: enough bytes in flight per program, 32 fp32 registers per thread at 8 warps.
 TILE_ELEMENTS = 4096
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _pow2(n: int) -> int:
+    """Smallest power of two >= n (plain Python: triton.next_power_of_2 costs microseconds per call)."""
+    return 1 << max(n - 1, 0).bit_length()
 
 
 def as_ncl(x: torch.Tensor) -> torch.Tensor:
@@ -45,41 +53,24 @@ def _strides(t: torch.Tensor) -> tuple[int, int, int]:
 
 @dataclass(frozen=True)
 class Plan:
-    N: int
+    """Everything a launch needs, computed once per call (host time is the budget of small shapes)."""
     C: int
-    L: int
-    block: tuple[int, int, int]
-    nbL: int
-    n_tiles: int
-    tps: int
     splits: int
-    int64: bool
-
-    @property
-    def grid(self) -> tuple[int, int]:
-        return (triton.cdiv(self.C, self.block[2]), self.splits)
-
-    @property
-    def shape_args(self) -> tuple[int, int, int]:
-        return self.N, self.C, self.L
-
-    @property
-    def tile_args(self) -> tuple[int, int, int]:
-        return self.nbL, self.n_tiles, self.tps
-
-    def meta(self) -> dict:
-        bn, bl, bc = self.block
-        return dict(BLOCK_N=bn, BLOCK_L=bl, BLOCK_C=bc, INT64=self.int64, num_warps=8 if bn * bl * bc >= 2048 else 4)
+    grid: tuple[int, int]
+    shape_args: tuple[int, int, int]  # N, C, L
+    strides: tuple[int, int, int]  # sN, sL, sC of x
+    tile_args: tuple[int, int, int]  # nbL, n_tiles, tps
+    meta: dict  # BLOCK_N, BLOCK_L, BLOCK_C, INT64, num_warps
 
 
 def _auto_block(N: int, C: int, L: int, sL: int, sC: int) -> tuple[int, int, int]:
     if sC == 1 and C > 1 and (sL != 1 or L == 1):  # channels_last / (N, C): vectors along C
-        bc = min(triton.next_power_of_2(C), 64)
-        bl = min(triton.next_power_of_2(L), max(1, TILE_ELEMENTS // bc))
+        bc = min(_pow2(C), 64)
+        bl = min(_pow2(L), max(1, TILE_ELEMENTS // bc))
     else:  # NCHW: vectors along the contiguous spatial axis, one channel per program
         bc = 1
-        bl = min(triton.next_power_of_2(L), TILE_ELEMENTS)
-    bn = min(triton.next_power_of_2(N), max(1, TILE_ELEMENTS // (bc * bl)))
+        bl = min(_pow2(L), TILE_ELEMENTS)
+    bn = min(_pow2(N), max(1, TILE_ELEMENTS // (bc * bl)))
     return bn, bl, bc
 
 
@@ -98,23 +89,28 @@ def plan(x: torch.Tensor, *others: torch.Tensor) -> Plan:
     L = math.prod(x.shape[2:])
     sN, sL, sC = _strides(x)
     block = tuning["block"] or _auto_block(N, C, L, sL, sC)
-    nbL = triton.cdiv(L, block[1])
-    n_tiles = triton.cdiv(N, block[0]) * nbL
+    nbL = _cdiv(L, block[1])
+    n_tiles = _cdiv(N, block[0]) * nbL
     programs = tuning["programs"]
     if programs is None:
         programs = 4 * _sm_count(x.device.index) if x.is_cuda else 8
     # >= `programs` programs in all, but never more splits than tiles
-    splits = max(1, min(n_tiles, triton.cdiv(programs, triton.cdiv(C, block[2]))))
-    tps = triton.cdiv(n_tiles, splits)
-    splits = triton.cdiv(n_tiles, tps)
+    splits = max(1, min(n_tiles, _cdiv(programs, _cdiv(C, block[2]))))
+    tps = _cdiv(n_tiles, splits)
+    splits = _cdiv(n_tiles, tps)
     int64 = tuning["int64"]
     if int64 is None:
         int64 = max(_max_offset(t) for t in (x,) + others) >= 2**31
-    return Plan(N, C, L, block, nbL, n_tiles, tps, splits, int64)
+    meta = dict(BLOCK_N=block[0], BLOCK_L=block[1], BLOCK_C=block[2], INT64=int64,
+                num_warps=8 if math.prod(block) >= 2048 else 4)
+    return Plan(C, splits, (_cdiv(C, block[2]), splits), (N, C, L), (sN, sL, sC), (nbL, n_tiles, tps), meta)
 
 
 def _device_ctx(x: torch.Tensor):
-    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+    """Triton launches on the current CUDA device: switch only when x lives on another one."""
+    if x.is_cuda and x.device.index != torch.cuda.current_device():
+        return torch.cuda.device(x.device)
+    return contextlib.nullcontext()
 
 
 def train_forward(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum: float,
@@ -125,17 +121,17 @@ def train_forward(x, weight, bias, running_mean, running_var, num_batches_tracke
     p = plan(x)
     C = p.C
     f32 = dict(dtype=torch.float32, device=x.device)
-    cnt_p, mean_p, m2_p = (torch.empty(p.splits * C, **f32) for _ in range(3))
-    mean, var, invstd = (torch.empty(C, **f32) for _ in range(3))
+    cnt_p, mean_p, m2_p = torch.empty(3, p.splits * C, **f32).unbind()
+    mean, var, invstd = (torch.empty(C, **f32) for _ in range(3))  # returned: must not alias each other
     y = torch.empty_like(x)
     update = running_mean is not None
     with _device_ctx(x):
-        K._stats_kernel[p.grid](x, cnt_p, mean_p, m2_p, *p.shape_args, *_strides(x), *p.tile_args, **p.meta())
+        K._stats_kernel[p.grid](x, cnt_p, mean_p, m2_p, *p.shape_args, *p.strides, *p.tile_args, **p.meta)
         K._finalize_stats_kernel[(p.grid[0],)](
             cnt_p, mean_p, m2_p, mean, var, invstd,
             running_mean if update else mean, running_var if update else var,
             num_batches_tracked if cumulative else mean, C, p.splits, eps, momentum, unbias,
-            UPDATE=update, CUMULATIVE=cumulative, BLOCK_C=p.block[2])
+            UPDATE=update, CUMULATIVE=cumulative, BLOCK_C=p.meta["BLOCK_C"])
         _normalize(x, y, mean, invstd, weight, bias, p, eps, False, activation, negative_slope)
     return y, mean, var, invstd
 
@@ -143,9 +139,9 @@ def train_forward(x, weight, bias, running_mean, running_var, num_batches_tracke
 def _normalize(x, y, mean, stat, weight, bias, p: Plan, eps, stat_is_var, activation, negative_slope):
     K._normalize_kernel[p.grid](
         x, y, mean, stat, weight if weight is not None else mean, bias if bias is not None else mean,
-        *p.shape_args, *_strides(x), *p.tile_args, eps, negative_slope,
+        *p.shape_args, *p.strides, *p.tile_args, eps, negative_slope,
         STAT_IS_VAR=stat_is_var, HAS_W=weight is not None, HAS_B=bias is not None,
-        ACT=K.ACT_CODES[activation], **p.meta())
+        ACT=K.ACT_CODES[activation], **p.meta)
 
 
 def eval_forward(x, mean, var, weight, bias, eps: float, activation: str, negative_slope: float):
@@ -170,19 +166,19 @@ def backward(dy, saved, mean, stat, weight, bias, eps: float, training: bool, st
     p = plan(saved, dy)
     C = p.C
     f32 = dict(dtype=torch.float32, device=saved.device)
-    sg_p, sgx_p = torch.empty(p.splits * C, **f32), torch.empty(p.splits * C, **f32)
-    dbeta, dgamma = torch.empty(C, **f32), torch.empty(C, **f32)
+    sg_p, sgx_p = torch.empty(2, p.splits * C, **f32).unbind()
+    dbeta, dgamma = torch.empty(C, **f32), torch.empty(C, **f32)  # returned: must not alias each other
     dx = torch.empty_like(saved)
     w = weight if weight is not None else mean
     b = bias if bias is not None else mean
     flags = dict(STAT_IS_VAR=stat_is_var, HAS_W=weight is not None, HAS_B=bias is not None,
-                 ACT=K.ACT_CODES[activation], FROM_OUTPUT=from_output, **p.meta())
-    strides = (*_strides(saved), *_strides(dy))
+                 ACT=K.ACT_CODES[activation], FROM_OUTPUT=from_output, **p.meta)
+    strides = (*p.strides, *_strides(dy))
     with _device_ctx(saved):
         K._grad_sums_kernel[p.grid](dy, saved, mean, stat, w, b, sg_p, sgx_p, *p.shape_args, *strides,
                                     *p.tile_args, eps, negative_slope, **flags)
-        K._finalize_sums_kernel[(p.grid[0],)](sg_p, sgx_p, dbeta, dgamma, C, p.splits, BLOCK_C=p.block[2])
+        K._finalize_sums_kernel[(p.grid[0],)](sg_p, sgx_p, dbeta, dgamma, C, p.splits, BLOCK_C=p.meta["BLOCK_C"])
+        n, _, length = p.shape_args
         K._grad_input_kernel[p.grid](dy, saved, dx, mean, stat, w, b, dbeta, dgamma, *p.shape_args, *strides,
-                                     *p.tile_args, float(p.N * p.L), eps, negative_slope, TRAINING=training,
-                                     **flags)
+                                     *p.tile_args, float(n * length), eps, negative_slope, TRAINING=training, **flags)
     return dx, dgamma, dbeta

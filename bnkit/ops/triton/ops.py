@@ -1,12 +1,14 @@
-"""The Triton path as ``torch.library`` custom ops with autograd and fake (meta) implementations,
-so ``torch.compile`` sees three opaque, shape-known ops (autograd: a Function around the first,
-``register_autograd`` on the second):
+"""The Triton path as ``torch.library`` custom ops with fake (meta) implementations, wrapped in
+``torch.autograd.Function`` s:
 
 * ``bnkit::train_forward``  (x, weight, bias, running buffers...) -> (y, mean, var, invstd)
 * ``bnkit::eval_forward``   (x, mean, var, weight, bias, ...) -> y
 * ``bnkit::backward``       (dy, saved, mean, stat, weight, bias, ...) -> (dx, dgamma, dbeta)
 
-:func:`train_forward` and :func:`eval_forward` below are what the layers call.
+Under ``torch.compile`` the Functions call the ops, so the graph holds three opaque, shape-known ops
+(the first mutates the running buffers and is functionalized). In eager mode they call the launchers
+directly: the custom-op dispatcher costs tens of microseconds per call, which is the whole budget of a
+small batch norm on a GPU. :func:`train_forward` and :func:`eval_forward` below are what the layers call.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ...functional import batch_statistics_update
 from . import launch
 
 __all__ = ["train_forward", "eval_forward"]
@@ -24,50 +27,25 @@ def _stat_like(x: Tensor) -> Tensor:
     return x.new_empty(x.shape[1], dtype=torch.float32)
 
 
-# ---- bnkit::train_forward --------------------------------------------------------------------------
+def _call(op, launcher, *args):
+    return op(*args) if torch.compiler.is_compiling() else launcher(*args)
+
+
 @torch.library.custom_op("bnkit::train_forward", mutates_args=("running_mean", "running_var"))
 def _train_forward_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], running_mean: Optional[Tensor],
                       running_var: Optional[Tensor], num_batches_tracked: Optional[Tensor], momentum: float,
-                      cumulative: bool, unbias: float, eps: float, activation: str, negative_slope: float,
-                      save_output: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                      cumulative: bool, unbias: float, eps: float, activation: str,
+                      negative_slope: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return launch.train_forward(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum,
                                 cumulative, unbias, eps, activation, negative_slope)
 
 
 @_train_forward_op.register_fake
 def _(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, cumulative, unbias, eps,
-      activation, negative_slope, save_output):
+      activation, negative_slope):
     return torch.empty_like(launch.as_ncl(x)), _stat_like(x), _stat_like(x), _stat_like(x)
 
 
-class _TrainForward(torch.autograd.Function):
-    """Autograd for ``bnkit::train_forward``. (A ``torch.library`` op that mutates its arguments, here
-    the running buffers, cannot carry ``register_autograd``; a Function around it can, and
-    ``torch.compile`` traces through it to the functionalized op.)"""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, cumulative,
-                unbias, eps, activation, negative_slope, save_output):
-        y, mean, var, invstd = torch.ops.bnkit.train_forward(
-            x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, cumulative, unbias, eps,
-            activation, negative_slope, save_output)
-        ctx.mark_non_differentiable(mean, var, invstd)
-        # In-Place ABN: with an invertible activation the output is enough to rebuild xhat, so the
-        # input need not stay alive for backward.
-        ctx.save_for_backward(y if save_output else x, mean, invstd, weight, bias)
-        ctx.config = (eps, activation, negative_slope, save_output)
-        return y, mean, var, invstd
-
-    @staticmethod
-    def backward(ctx, dy, _dmean, _dvar, _dinvstd):
-        saved, mean, invstd, weight, bias = ctx.saved_tensors
-        eps, activation, negative_slope, save_output = ctx.config
-        dx, dgamma, dbeta = torch.ops.bnkit.backward(dy, saved, mean, invstd, weight, bias, eps, True, False,
-                                                     activation, negative_slope, save_output)
-        return (dx, _as_param_grad(dgamma, weight), _as_param_grad(dbeta, bias)) + (None,) * 10
-
-
-# ---- bnkit::eval_forward ---------------------------------------------------------------------------
 @torch.library.custom_op("bnkit::eval_forward", mutates_args=())
 def _eval_forward_op(x: Tensor, mean: Tensor, var: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                      eps: float, activation: str, negative_slope: float) -> Tensor:
@@ -79,24 +57,6 @@ def _(x, mean, var, weight, bias, eps, activation, negative_slope):
     return torch.empty_like(launch.as_ncl(x))
 
 
-def _eval_setup(ctx, inputs, output):
-    x, mean, var, weight, bias, eps, activation, negative_slope = inputs
-    ctx.save_for_backward(x, mean, var, weight, bias)
-    ctx.config = (eps, activation, negative_slope)
-
-
-def _eval_backward(ctx, dy):
-    x, mean, var, weight, bias = ctx.saved_tensors
-    eps, activation, negative_slope = ctx.config
-    dx, dgamma, dbeta = torch.ops.bnkit.backward(dy, x, mean, var, weight, bias, eps, False, True,
-                                                 activation, negative_slope, False)
-    return dx, None, None, _as_param_grad(dgamma, weight), _as_param_grad(dbeta, bias), None, None, None
-
-
-_eval_forward_op.register_autograd(_eval_backward, setup_context=_eval_setup)
-
-
-# ---- bnkit::backward -------------------------------------------------------------------------------
 @torch.library.custom_op("bnkit::backward", mutates_args=())
 def _backward_op(dy: Tensor, saved: Tensor, mean: Tensor, stat: Tensor, weight: Optional[Tensor],
                  bias: Optional[Tensor], eps: float, training: bool, stat_is_var: bool, activation: str,
@@ -110,8 +70,47 @@ def _(dy, saved, mean, stat, weight, bias, eps, training, stat_is_var, activatio
     return torch.empty_like(launch.as_ncl(saved)), _stat_like(saved), _stat_like(saved)
 
 
+def _backward(dy, saved, mean, stat, weight, bias, *config):
+    dx, dgamma, dbeta = _call(_backward_op, launch.backward, dy, saved, mean, stat, weight, bias, *config)
+    return dx, _as_param_grad(dgamma, weight), _as_param_grad(dbeta, bias)
+
+
 def _as_param_grad(grad: Tensor, param: Tensor | None) -> Tensor | None:
     return None if param is None else grad.to(param.dtype)
+
+
+class _TrainForward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, cumulative,
+                unbias, eps, activation, negative_slope, save_output):
+        y, mean, var, invstd = _call(_train_forward_op, launch.train_forward, x, weight, bias, running_mean,
+                                     running_var, num_batches_tracked, momentum, cumulative, unbias, eps,
+                                     activation, negative_slope)
+        ctx.mark_non_differentiable(mean, var, invstd)
+        # In-Place ABN: with an invertible activation the output is enough to rebuild xhat, so the
+        # input need not stay alive for backward.
+        ctx.save_for_backward(y if save_output else x, mean, invstd, weight, bias)
+        ctx.config = (eps, True, False, activation, negative_slope, save_output)
+        return y, mean, var, invstd
+
+    @staticmethod
+    def backward(ctx, dy, _dmean, _dvar, _dinvstd):
+        return _backward(dy, *ctx.saved_tensors, *ctx.config) + (None,) * 10
+
+
+class _EvalForward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, mean, var, weight, bias, eps, activation, negative_slope):
+        y = _call(_eval_forward_op, launch.eval_forward, x, mean, var, weight, bias, eps, activation, negative_slope)
+        ctx.save_for_backward(x, mean, var, weight, bias)
+        ctx.config = (eps, False, True, activation, negative_slope, False)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, mean, var, weight, bias = ctx.saved_tensors
+        dx, dgamma, dbeta = _backward(dy, x, mean, var, weight, bias, *ctx.config)
+        return dx, None, None, dgamma, dbeta, None, None, None
 
 
 # ---- what the layers call --------------------------------------------------------------------------
@@ -127,8 +126,6 @@ def train_forward(name: str, x: Tensor, n: int, weight, bias, running_mean, runn
     :func:`bnkit.functional.batch_statistics_update` (which needs the finiteness of every channel
     before any buffer changes, hence one host sync in eager mode, as on the torch path).
     """
-    from ...functional import batch_statistics_update
-
     in_kernel = update and nonfinite == "propagate" and (momentum is not None or num_batches_tracked is not None)
     if in_kernel and num_batches_tracked is not None:
         num_batches_tracked.add_(1)
@@ -145,5 +142,5 @@ def train_forward(name: str, x: Tensor, n: int, weight, bias, running_mean, runn
 def eval_forward(x: Tensor, mean: Tensor, var: Tensor, weight, bias, eps: float, activation: str,
                  negative_slope: float) -> Tensor:
     """``act((x - mean) / sqrt(var + eps) * weight + bias)`` with the given (running) statistics."""
-    return torch.ops.bnkit.eval_forward(x, mean, var, weight, bias, eps, activation, negative_slope)
+    return _EvalForward.apply(x, mean, var, weight, bias, eps, activation, negative_slope)
 
