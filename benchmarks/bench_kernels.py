@@ -13,6 +13,7 @@ fused into the statistics kernel); the default ``"skip"`` adds one host sync per
     python benchmarks/bench_kernels.py --shapes 256,256,56,56 --dtypes bf16 --layouts nhwc
     python benchmarks/bench_kernels.py --check               # outputs/grads vs torch at full size
     python benchmarks/bench_kernels.py --cpu                 # CPU: bnkit torch path vs torch.nn vs compile
+    python benchmarks/bench_kernels.py --host-overhead       # CPU: Python cost of the Triton path per call
 
 Without CUDA the GPU mode prints "no CUDA device: skipped" and exits 0.
 """
@@ -213,6 +214,43 @@ def run_cpu(shapes, modes, out=print):
     bnkit.set_backend(None)
 
 
+def run_host_overhead(shape=(8, 16, 7, 7), out=print):
+    """Host (Python) time per call of bnkit's Triton path with every kernel launch replaced by a no-op,
+    next to torch.nn's whole CPU call on the same tiny tensor: the floor a small GPU shape pays
+    before any kernel runs (Triton's own launch cost not included). Runs on the CPU, no GPU needed."""
+    import os
+    from torch.utils.benchmark import Timer
+    os.environ["TRITON_INTERPRET"] = "1"  # lets the forced backend take CPU tensors; no kernel runs
+    from bnkit.ops.triton import kernels
+
+    class NoLaunch:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: None
+
+    for name in [n for n in vars(kernels) if n.endswith("_kernel")]:
+        setattr(kernels, name, NoLaunch())
+
+    def median_us(fn):
+        fn()
+        return 1e6 * Timer("fn()", globals={"fn": fn}).blocked_autorange(min_run_time=1.0).median
+
+    x, dy = _inputs(shape, torch.float32, "nchw", "cpu", "train")
+    out(f"host time per call, CPU ({torch.get_num_threads()} threads), shape {shape}, torch {torch.__version__}, "
+        f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC")
+    out("| call | us |")
+    out("|---|---|")
+    bnkit.set_backend("triton")
+    for nonfinite in ("propagate", "skip"):
+        layer = bnkit.BatchNorm2d(shape[1], activation="relu", nonfinite=nonfinite)
+        out(f"| bnkit Triton path, train fwd+bwd, nonfinite={nonfinite!r}, launches stubbed | "
+            f"{median_us(_step(layer, layer, x, dy, 'train')):.0f} |")
+    out(f"| bnkit Triton path, eval fwd, launches stubbed | {median_us(_step(layer.eval(), layer, x, dy, 'eval')):.0f} |")
+    bnkit.set_backend(None)
+    ref = _torch_layer(shape[1], "cpu", "train")
+    out(f"| torch.nn BN+ReLU on CPU, train fwd+bwd (whole call) | {median_us(_step(ref, ref, x, dy, 'train')):.0f} |")
+    out(f"| torch.nn BN+ReLU on CPU, eval fwd (whole call) | {median_us(_step(ref.eval(), ref, x, dy, 'eval')):.0f} |")
+
+
 def _shape(text):
     return tuple(int(v) for v in text.split(","))
 
@@ -225,9 +263,13 @@ def main(argv=None) -> int:
     p.add_argument("--modes", nargs="+", choices=sorted(PASSES), default=["train", "eval"])
     p.add_argument("--check", action="store_true", help="verify outputs and gradients vs torch at full size")
     p.add_argument("--cpu", action="store_true", help="CPU comparison of the torch path (no GPU needed)")
+    p.add_argument("--host-overhead", action="store_true", help="CPU: Python time of the Triton path per call")
     args = p.parse_args(argv)
     if args.cpu:
         run_cpu(args.shapes or CPU_SHAPES, args.modes)
+        return 0
+    if args.host_overhead:
+        run_host_overhead()
         return 0
     if not torch.cuda.is_available():
         print("no CUDA device: skipped (use --cpu for the CPU comparison)")

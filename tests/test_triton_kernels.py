@@ -311,3 +311,20 @@ def test_torch_compile_traces_the_custom_ops(interpreter):
         _close(a, b, 1e-5)
     _close(ours.running_var, theirs.running_var, 1e-6)
     assert ours.num_batches_tracked.item() == 1
+
+
+def test_no_grad_paths_skip_autograd(interpreter):
+    ours, theirs = _pair(bnkit.BatchNorm2d, 3, activation="silu", nonfinite="propagate")
+    x = torch.randn(2, 3, 4, 5)
+    outputs = []
+    for bn, name in ((ours, "triton"), (theirs, "torch")):
+        backend.set_backend(name)
+        with torch.no_grad():
+            train_y = bn(x)
+            bn.eval()
+            outputs.append((train_y, bn(x)))
+        backend.set_backend(None)
+    for a, b in zip(*outputs):
+        assert a.grad_fn is None
+        _close(a, b, 1e-5)
+    _close(ours.running_var, theirs.running_var, 1e-6)

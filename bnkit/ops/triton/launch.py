@@ -39,7 +39,11 @@ def as_ncl(x: torch.Tensor) -> torch.Tensor:
 
 def _spatial_stride(x: torch.Tensor) -> int | None:
     """The one stride of the flattened spatial dimensions (1 when there are none), or None."""
-    dims = [(size, stride) for size, stride in zip(x.shape[2:], x.stride()[2:]) if size > 1]
+    return _flat_stride(tuple(x.shape), x.stride())
+
+
+def _flat_stride(shape: tuple, stride: tuple) -> int | None:
+    dims = [(size, st) for size, st in zip(shape[2:], stride[2:]) if size > 1]
     for (_, outer), (size, inner) in zip(dims, dims[1:]):
         if outer != inner * size:
             return None
@@ -53,7 +57,7 @@ def _strides(t: torch.Tensor) -> tuple[int, int, int]:
 
 @dataclass(frozen=True)
 class Plan:
-    """Everything a launch needs, computed once per call (host time is the budget of small shapes)."""
+    """Everything a launch needs, cached per shape (host time is the budget of small shapes)."""
     C: int
     splits: int
     grid: tuple[int, int]
@@ -84,23 +88,32 @@ def _max_offset(t: torch.Tensor) -> int:
 
 
 def plan(x: torch.Tensor, *others: torch.Tensor) -> Plan:
-    """Tiles and splits for ``x`` (already ``as_ncl``); ``others`` only widen the int64 decision."""
-    N, C = x.shape[0], x.shape[1]
-    L = math.prod(x.shape[2:])
-    sN, sL, sC = _strides(x)
+    """Tiles and splits for ``x`` (already ``as_ncl``); ``others`` only widen the int64 decision.
+
+    Cached by shapes, strides and device: a training loop sees the same few shapes again and again.
+    """
+    wide = any(_max_offset(t) >= 2**31 for t in (x,) + others)
+    return _plan(tuple(x.shape), x.stride(), x.device, wide, tuple(tuning.values()))
+
+
+@functools.lru_cache(maxsize=1024)
+def _plan(shape, stride, device, wide: bool, _tuning_key) -> Plan:
+    N, C = shape[0], shape[1]
+    L = math.prod(shape[2:])
+    sN, sL, sC = stride[0], _flat_stride(shape, stride), stride[1]
     block = tuning["block"] or _auto_block(N, C, L, sL, sC)
     nbL = _cdiv(L, block[1])
     n_tiles = _cdiv(N, block[0]) * nbL
     programs = tuning["programs"]
     if programs is None:
-        programs = 4 * _sm_count(x.device.index) if x.is_cuda else 8
+        programs = 4 * _sm_count(device.index) if device.type == "cuda" else 8
     # >= `programs` programs in all, but never more splits than tiles
     splits = max(1, min(n_tiles, _cdiv(programs, _cdiv(C, block[2]))))
     tps = _cdiv(n_tiles, splits)
     splits = _cdiv(n_tiles, tps)
     int64 = tuning["int64"]
     if int64 is None:
-        int64 = max(_max_offset(t) for t in (x,) + others) >= 2**31
+        int64 = wide
     meta = dict(BLOCK_N=block[0], BLOCK_L=block[1], BLOCK_C=block[2], INT64=int64,
                 num_warps=8 if math.prod(block) >= 2048 else 4)
     return Plan(C, splits, (_cdiv(C, block[2]), splits), (N, C, L), (sN, sL, sC), (nbL, n_tiles, tps), meta)

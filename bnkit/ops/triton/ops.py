@@ -27,6 +27,10 @@ def _stat_like(x: Tensor) -> Tensor:
     return x.new_empty(x.shape[1], dtype=torch.float32)
 
 
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def _call(op, launcher, *args):
     return op(*args) if torch.compiler.is_compiling() else launcher(*args)
 
@@ -98,6 +102,10 @@ class _TrainForward(torch.autograd.Function):
         return _backward(dy, *ctx.saved_tensors, *ctx.config) + (None,) * 10
 
 
+def _train_forward_no_grad(*args):
+    return _call(_train_forward_op, launch.train_forward, *args[:-1])  # the last one is save_output
+
+
 class _EvalForward(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, mean, var, weight, bias, eps, activation, negative_slope):
@@ -129,7 +137,8 @@ def train_forward(name: str, x: Tensor, n: int, weight, bias, running_mean, runn
     in_kernel = update and nonfinite == "propagate" and (momentum is not None or num_batches_tracked is not None)
     if in_kernel and num_batches_tracked is not None:
         num_batches_tracked.add_(1)
-    y, mean, var, _ = _TrainForward.apply(
+    forward = _TrainForward.apply if _needs_grad(x, weight, bias) else _train_forward_no_grad
+    y, mean, var, _ = forward(
         x, weight, bias, running_mean if in_kernel else None, running_var if in_kernel else None,
         num_batches_tracked if in_kernel and momentum is None else None, 0.0 if momentum is None else float(momentum),
         in_kernel and momentum is None, n / (n - 1), eps, activation, negative_slope, save_output)
@@ -142,5 +151,8 @@ def train_forward(name: str, x: Tensor, n: int, weight, bias, running_mean, runn
 def eval_forward(x: Tensor, mean: Tensor, var: Tensor, weight, bias, eps: float, activation: str,
                  negative_slope: float) -> Tensor:
     """``act((x - mean) / sqrt(var + eps) * weight + bias)`` with the given (running) statistics."""
+    if not _needs_grad(x, weight, bias):  # inference: no autograd bookkeeping
+        return _call(_eval_forward_op, launch.eval_forward, x, mean, var, weight, bias, eps, activation,
+                     negative_slope)
     return _EvalForward.apply(x, mean, var, weight, bias, eps, activation, negative_slope)
 
