@@ -6,6 +6,7 @@ from .freeze import batch_norm_layers, freeze_stats, frozen_stats, unfreeze_stat
 from .nn import BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormBase
 from .nn import LazyBatchNorm1d, LazyBatchNorm2d, LazyBatchNorm3d
 from .keras import from_keras, to_keras
+from .ops.backend import get_backend, set_backend
 from .stats import momentum
 from .doctor import doctor
 from .fold import fold
@@ -17,3 +18,4 @@ __all__ = ["accumulate", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNorm
            "freeze_stats", "frozen_stats", "functional", "momentum", "reference", "stats", "unfreeze_stats"]
 __all__ += ["LazyBatchNorm1d", "LazyBatchNorm2d", "LazyBatchNorm3d", "from_keras", "to_keras"]
 __all__ += ["doctor", "fold"]
+__all__ += ["get_backend", "set_backend"]

@@ -15,7 +15,8 @@ from torch.nn.modules.batchnorm import _BatchNorm as _TorchBatchNorm
 
 from ..functional import (SINGLE_SAMPLE_POLICIES, VARIANCE_KINDS, _channel_first, _check_choice, _check_mask,
                           _write_back, check_nonfinite_policy, forward_core, mask_from_lengths)
-from ..ops import check_activation
+from ..ops import check_activation, check_memory_efficient, is_exporting
+from ..ops.backend import kernels_for
 from ..stats import accumulation_dtype
 from ..stats import momentum as momentum_lib
 from ..validation import check_input
@@ -74,6 +75,9 @@ class BatchNormBase(_TorchBatchNorm):
     The state_dict records the layer's conventions (eps, momentum, its convention, variance kind) in
     its metadata; loading a bnkit checkpoint whose conventions differ warns. Plain torch checkpoints
     load silently, and torch.nn loads bnkit checkpoints.
+        memory_efficient: Triton path, training: keep only the output for backward (In-Place ABN), so
+            the input can be freed; needs an invertible activation (identity, leaky_relu with a positive
+            slope) and no weight entry equal to 0. Ignored on the torch path.
 
     Shape:
         Input ``(N, C, *)``; output the same shape, dtype and memory format.
@@ -88,7 +92,7 @@ class BatchNormBase(_TorchBatchNorm):
                  half_life: float | None = None, momentum_schedule=None, total_steps: int | None = None,
                  activation: str | None = None, negative_slope: float = 0.01, nonfinite: str = "skip",
                  bias: bool = True, axis: int = 1, single_sample: str = "raise", example_weight=None,
-                 variance: str = "unbiased"):
+                 variance: str = "unbiased", memory_efficient: bool = False):
         name = f"{type(self).__name__}({num_features})"
         if not isinstance(num_features, int) or num_features < self._min_features:
             raise ValueError(f"{type(self).__name__}: num_features must be a positive int, got {num_features!r}")
@@ -105,6 +109,7 @@ class BatchNormBase(_TorchBatchNorm):
         self.activation = check_activation(name, activation)
         self.negative_slope = negative_slope
         self.nonfinite = check_nonfinite_policy(name, nonfinite)
+        self.memory_efficient = check_memory_efficient(name, memory_efficient, self.activation, negative_slope)
         self.stats_frozen = None
         self.axis = axis
         self.single_sample = _check_choice(name, "single_sample", single_sample, SINGLE_SAMPLE_POLICIES)
@@ -167,6 +172,29 @@ class BatchNormBase(_TorchBatchNorm):
                                f"has not seen a training batch; pass example_weight=<alpha> instead")
         return 1.0 / self.last_train_batch_size
 
+    def _fused_forward(self, x: torch.Tensor, mask):
+        """The Triton kernels' result when this call is the case they implement (see bnkit.set_backend),
+        else None: masks, accumulation, example weighing, a biased variance, a batch of one and export
+        take the torch path. Semantics (checks, non-finite policy, momentum, counts) are the same."""
+        if mask is not None or self.stats_sink is not None or self.variance != "unbiased" or is_exporting():
+            return None
+        fused = kernels_for(x)
+        if fused is None:
+            return None
+        if not self._uses_batch_stats():
+            if self._example_weight() is not None:
+                return None
+            return fused.eval_forward(x, self.running_mean, self.running_var, self.weight, self.bias, self.eps,
+                                      self.activation, self.negative_slope)
+        n = x.numel() // x.shape[1]
+        if n < 2:
+            return None
+        update = self._updates_running_stats()
+        return fused.train_forward(self.layer_name, x, n, self.weight, self.bias, self.running_mean,
+                                   self.running_var, self.num_batches_tracked,
+                                   self._update_momentum() if update else None, update, self.nonfinite,
+                                   self.eps, self.activation, self.negative_slope, self.memory_efficient)
+
     def forward(self, input: torch.Tensor, mask: torch.Tensor | None = None,
                 lengths: torch.Tensor | None = None) -> torch.Tensor:
         if isinstance(input, torch.Tensor):
@@ -181,6 +209,9 @@ class BatchNormBase(_TorchBatchNorm):
             mask = _check_mask(self.layer_name, x, mask)
         if self.training:
             self.last_train_batch_size = x.shape[0]
+        y = self._fused_forward(x, mask)
+        if y is not None:
+            return y if self.axis % y.dim() == 1 else y.movedim(1, self.axis)
         update = self._updates_running_stats()
         y, new = forward_core(
             self.layer_name, x, self.weight, self.bias, self.running_mean, self.running_var, self.num_batches_tracked,

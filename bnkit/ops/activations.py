@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ACTIVATIONS", "check_activation", "apply_activation"]
+__all__ = ["ACTIVATIONS", "check_activation", "apply_activation", "check_memory_efficient"]
 
 ACTIVATIONS = ("identity", "relu", "leaky_relu", "silu")
 
@@ -14,6 +14,15 @@ def check_activation(layer: str, activation: str | None) -> str:
     if name not in ACTIVATIONS:
         raise ValueError(f"{layer}: unknown activation {activation!r}; expected one of {ACTIVATIONS} or None")
     return name
+
+
+def check_memory_efficient(layer: str, memory_efficient: bool, activation: str, negative_slope: float) -> bool:
+    """Saving only the output for backward needs an activation that can be inverted."""
+    if memory_efficient and not (activation == "identity" or (activation == "leaky_relu" and negative_slope > 0)):
+        raise ValueError(f"{layer}: memory_efficient=True keeps only the output for backward, so the activation "
+                         f"must be invertible (identity, or leaky_relu with negative_slope > 0); got "
+                         f"activation={activation!r}, negative_slope={negative_slope}")
+    return bool(memory_efficient)
 
 
 def apply_activation(y: torch.Tensor, activation: str, negative_slope: float = 0.01) -> torch.Tensor:

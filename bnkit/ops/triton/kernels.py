@@ -1,0 +1,252 @@
+"""Triton kernels for batch norm (+ fused activation), forward and backward.
+
+Every input is viewed as ``(N, C, L)`` with element strides ``(sN, sC, sL)`` (``L`` = product of the
+spatial sizes, which must be flattenable to one stride): contiguous NCHW has ``sL = 1``,
+channels_last has ``sC = 1``, a 2-D ``(N, C)`` input has ``L = 1``. A program works on 3-D tiles
+``[BLOCK_N, BLOCK_L, BLOCK_C]``; the stride that equals 1 is specialized by Triton, so the contiguous
+axis is vectorized without any per-element division.
+
+The grid is ``(channel blocks, splits)``. The tiles of one channel block are numbered
+``t = nb * nbL + lb`` and split ``s`` owns the contiguous range ``[s * tps, (s + 1) * tps)``. Reductions
+write fp32 per-split partials that a finalize kernel merges in split order: deterministic, no atomics.
+
+Training forward (3 launches): ``_stats_kernel`` -> ``_finalize_stats_kernel`` (Chan merge of
+``(count, mean, M2)``, ``invstd``, the running-statistic update) -> ``_normalize_kernel``.
+Training backward (3 launches): ``_grad_sums_kernel`` (``sum g``, ``sum g * xhat`` with ``g`` = dy
+times the activation's derivative, rebuilt from x and the saved statistics) -> ``_finalize_sums_kernel``
+(dbeta, dgamma) -> ``_grad_input_kernel``. Eval forward is ``_normalize_kernel`` alone.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+#: Activation codes shared by every kernel (constexpr, so each variant compiles to its own code).
+ACT_CODES = {"identity": 0, "relu": 1, "leaky_relu": 2, "silu": 3}
+
+
+@triton.jit
+def _tile(t, nbL, N, L, C, sN, sL, sC, c, cmask,
+          BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, INT64: tl.constexpr):
+    """Offsets, mask and number of valid (n, l) positions of tile ``t`` for channels ``c``."""
+    nb = t // nbL
+    lb = t - nb * nbL
+    n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+    ll = lb * BLOCK_L + tl.arange(0, BLOCK_L)
+    mask = (n < N)[:, None, None] & (ll < L)[None, :, None] & cmask[None, None, :]
+    cc = c
+    if INT64:  # N*C*L may pass 2**31: the products below must not wrap
+        n = n.to(tl.int64)
+        ll = ll.to(tl.int64)
+        cc = c.to(tl.int64)
+    off = n[:, None, None] * sN + ll[None, :, None] * sL + cc[None, None, :] * sC
+    count = (tl.minimum(N - nb * BLOCK_N, BLOCK_N) * tl.minimum(L - lb * BLOCK_L, BLOCK_L)).to(tl.float32)
+    return off, mask, count
+
+
+@triton.jit
+def _activate(z, slope, ACT: tl.constexpr):
+    if ACT == 1:
+        z = tl.maximum(z, 0.0)
+    elif ACT == 2:
+        z = tl.where(z > 0, z, z * slope)
+    elif ACT == 3:
+        z = z * tl.sigmoid(z)
+    return z
+
+
+@triton.jit
+def _activation_grad(dy, z, slope, ACT: tl.constexpr):
+    """dy times act'(z); the masks follow torch (relu/leaky_relu: derivative 1 only where z > 0)."""
+    if ACT == 1:
+        dy = tl.where(z > 0, dy, 0.0)
+    elif ACT == 2:
+        dy = tl.where(z > 0, dy, dy * slope)
+    elif ACT == 3:
+        sig = tl.sigmoid(z)
+        dy = dy * sig * (1.0 + z * (1.0 - sig))
+    return dy
+
+
+@triton.jit
+def _stats_kernel(X, CNT_P, MEAN_P, M2_P, N, C, L, sN, sL, sC, nbL, n_tiles, tps,
+                  BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr, INT64: tl.constexpr):
+    """Per-split (count, mean, M2): a two-pass mean/M2 per tile in registers, Chan-merged across tiles."""
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    s = tl.program_id(1)
+    n_acc = tl.zeros([BLOCK_C], tl.float32)
+    mean_acc = tl.zeros([BLOCK_C], tl.float32)
+    m2_acc = tl.zeros([BLOCK_C], tl.float32)
+    for t in range(s * tps, tl.minimum(s * tps + tps, n_tiles)):
+        off, mask, count = _tile(t, nbL, N, L, C, sN, sL, sC, c, cmask, BLOCK_N, BLOCK_L, INT64)
+        x = tl.load(X + off, mask=mask, other=0.0).to(tl.float32)
+        t_mean = tl.sum(tl.sum(x, axis=0), axis=0) / count
+        d = tl.where(mask, x - t_mean[None, None, :], 0.0)
+        t_m2 = tl.sum(tl.sum(d * d, axis=0), axis=0)
+        total = n_acc + count
+        delta = t_mean - mean_acc
+        mean_acc += delta * (count / total)
+        m2_acc += t_m2 + delta * delta * (n_acc * count / total)
+        n_acc = total
+    p = s * C + c
+    tl.store(CNT_P + p, n_acc, mask=cmask)
+    tl.store(MEAN_P + p, mean_acc, mask=cmask)
+    tl.store(M2_P + p, m2_acc, mask=cmask)
+
+
+@triton.jit
+def _finalize_stats_kernel(CNT_P, MEAN_P, M2_P, MEAN, VAR, INVSTD, RUN_MEAN, RUN_VAR, NBT, C, splits,
+                           eps, momentum, unbias, UPDATE: tl.constexpr, CUMULATIVE: tl.constexpr,
+                           BLOCK_C: tl.constexpr):
+    """Chan-merge the split partials in split order; optionally update the running statistics.
+
+    ``running = running * (1 - m) + batch * m`` with the unbiased variance ``var * unbias``;
+    ``m = 1 / max(num_batches_tracked, 1)`` for the cumulative average (read on the device).
+    """
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    n_acc = tl.zeros([BLOCK_C], tl.float32)
+    mean_acc = tl.zeros([BLOCK_C], tl.float32)
+    m2_acc = tl.zeros([BLOCK_C], tl.float32)
+    for s in range(0, splits):
+        count = tl.load(CNT_P + s * C + c, mask=cmask, other=0.0)
+        mean = tl.load(MEAN_P + s * C + c, mask=cmask, other=0.0)
+        m2 = tl.load(M2_P + s * C + c, mask=cmask, other=0.0)
+        total = tl.maximum(n_acc + count, 1.0)
+        delta = mean - mean_acc
+        mean_acc += delta * (count / total)
+        m2_acc += m2 + delta * delta * (n_acc * count / total)
+        n_acc += count
+    var = m2_acc / tl.maximum(n_acc, 1.0)  # masked channels have n = 0
+    tl.store(MEAN + c, mean_acc, mask=cmask)
+    tl.store(VAR + c, var, mask=cmask)
+    tl.store(INVSTD + c, 1.0 / tl.sqrt(var + eps), mask=cmask)
+    if UPDATE:
+        m = momentum
+        if CUMULATIVE:
+            m = 1.0 / tl.maximum(tl.load(NBT).to(tl.float32), 1.0)
+        rm = tl.load(RUN_MEAN + c, mask=cmask).to(tl.float32)
+        rv = tl.load(RUN_VAR + c, mask=cmask).to(tl.float32)
+        tl.store(RUN_MEAN + c, (rm * (1 - m) + mean_acc * m).to(RUN_MEAN.dtype.element_ty), mask=cmask)
+        tl.store(RUN_VAR + c, (rv * (1 - m) + var * unbias * m).to(RUN_VAR.dtype.element_ty), mask=cmask)
+
+
+@triton.jit
+def _scale_shift(MEAN, STAT, W, B, c, cmask, eps, STAT_IS_VAR: tl.constexpr,
+                 HAS_W: tl.constexpr, HAS_B: tl.constexpr):
+    """Per-channel ``mean``, ``invstd``, ``gamma`` and ``beta`` in fp32 (STAT is invstd or, in eval, var)."""
+    mean = tl.load(MEAN + c, mask=cmask, other=0.0).to(tl.float32)
+    invstd = tl.load(STAT + c, mask=cmask, other=1.0).to(tl.float32)
+    if STAT_IS_VAR:
+        invstd = 1.0 / tl.sqrt(invstd + eps)
+    gamma = tl.full(c.shape, 1.0, tl.float32)
+    if HAS_W:
+        gamma = tl.load(W + c, mask=cmask, other=1.0).to(tl.float32)
+    beta = tl.zeros(c.shape, tl.float32)
+    if HAS_B:
+        beta = tl.load(B + c, mask=cmask, other=0.0).to(tl.float32)
+    return mean, invstd, gamma, beta
+
+
+@triton.jit
+def _normalize_kernel(X, Y, MEAN, STAT, W, B, N, C, L, sN, sL, sC, nbL, n_tiles, tps, eps, slope,
+                      STAT_IS_VAR: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr, INT64: tl.constexpr):
+    """``y = act((x - mean) * (invstd * gamma) + beta)``: one subtract and one FMA per element."""
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    s = tl.program_id(1)
+    mean, invstd, gamma, beta = _scale_shift(MEAN, STAT, W, B, c, cmask, eps, STAT_IS_VAR, HAS_W, HAS_B)
+    scale = (invstd * gamma)[None, None, :]
+    mean = mean[None, None, :]
+    beta = beta[None, None, :]
+    for t in range(s * tps, tl.minimum(s * tps + tps, n_tiles)):
+        off, mask, count = _tile(t, nbL, N, L, C, sN, sL, sC, c, cmask, BLOCK_N, BLOCK_L, INT64)
+        x = tl.load(X + off, mask=mask, other=0.0).to(tl.float32)
+        y = _activate((x - mean) * scale + beta, slope, ACT)
+        tl.store(Y + off, y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _recompute(S, off, mask, mean, invstd, gamma, beta, slope, ACT: tl.constexpr, FROM_OUTPUT: tl.constexpr):
+    """``(xhat, z)`` of one tile, z = xhat * gamma + beta the activation's input.
+
+    From the input x: ``xhat = (x - mean) * invstd``. From the output y (memory-saving mode, invertible
+    activation, gamma != 0): ``z = act^-1(y)``, ``xhat = (z - beta) / gamma``.
+    """
+    v = tl.load(S + off, mask=mask, other=0.0).to(tl.float32)
+    if FROM_OUTPUT:
+        z = v
+        if ACT == 2:
+            z = tl.where(v > 0, v, v / slope)
+        xhat = (z - beta) / gamma
+    else:
+        xhat = (v - mean) * invstd
+        z = xhat * gamma + beta
+    return xhat, z
+
+
+@triton.jit
+def _grad_sums_kernel(DY, S, MEAN, STAT, W, B, SG_P, SGX_P, N, C, L, sN, sL, sC, dN, dL, dC,
+                      nbL, n_tiles, tps, eps, slope, STAT_IS_VAR: tl.constexpr, HAS_W: tl.constexpr,
+                      HAS_B: tl.constexpr, ACT: tl.constexpr, FROM_OUTPUT: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr, INT64: tl.constexpr):
+    """Per-split ``sum g`` and ``sum g * xhat``, g = dy * act'(z) (the mask is rebuilt, never stored)."""
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    s = tl.program_id(1)
+    mean, invstd, gamma, beta = _scale_shift(MEAN, STAT, W, B, c, cmask, eps, STAT_IS_VAR, HAS_W, HAS_B)
+    mean, invstd, gamma, beta = mean[None, None, :], invstd[None, None, :], gamma[None, None, :], beta[None, None, :]
+    sg = tl.zeros([BLOCK_C], tl.float32)
+    sgx = tl.zeros([BLOCK_C], tl.float32)
+    for t in range(s * tps, tl.minimum(s * tps + tps, n_tiles)):
+        off, mask, count = _tile(t, nbL, N, L, C, sN, sL, sC, c, cmask, BLOCK_N, BLOCK_L, INT64)
+        doff, _, _ = _tile(t, nbL, N, L, C, dN, dL, dC, c, cmask, BLOCK_N, BLOCK_L, INT64)
+        xhat, z = _recompute(S, off, mask, mean, invstd, gamma, beta, slope, ACT, FROM_OUTPUT)
+        dy = tl.load(DY + doff, mask=mask, other=0.0).to(tl.float32)
+        g = tl.where(mask, _activation_grad(dy, z, slope, ACT), 0.0)
+        sg += tl.sum(tl.sum(g, axis=0), axis=0)
+        sgx += tl.sum(tl.sum(g * xhat, axis=0), axis=0)
+    tl.store(SG_P + s * C + c, sg, mask=cmask)
+    tl.store(SGX_P + s * C + c, sgx, mask=cmask)
+
+
+@triton.jit
+def _finalize_sums_kernel(SG_P, SGX_P, DBETA, DGAMMA, C, splits, BLOCK_C: tl.constexpr):
+    """Sum the split partials in split order: ``dbeta = sum g``, ``dgamma = sum g * xhat``."""
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    sg = tl.zeros([BLOCK_C], tl.float32)
+    sgx = tl.zeros([BLOCK_C], tl.float32)
+    for s in range(0, splits):
+        sg += tl.load(SG_P + s * C + c, mask=cmask, other=0.0)
+        sgx += tl.load(SGX_P + s * C + c, mask=cmask, other=0.0)
+    tl.store(DBETA + c, sg, mask=cmask)
+    tl.store(DGAMMA + c, sgx, mask=cmask)
+
+
+@triton.jit
+def _grad_input_kernel(DY, S, DX, MEAN, STAT, W, B, DBETA, DGAMMA, N, C, L, sN, sL, sC, dN, dL, dC,
+                       nbL, n_tiles, tps, count, eps, slope, TRAINING: tl.constexpr, STAT_IS_VAR: tl.constexpr,
+                       HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr, FROM_OUTPUT: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr, INT64: tl.constexpr):
+    """``dx = gamma * invstd * (g - dbeta / n - xhat * dgamma / n)`` (training) or ``gamma * invstd * g``."""
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    s = tl.program_id(1)
+    mean, invstd, gamma, beta = _scale_shift(MEAN, STAT, W, B, c, cmask, eps, STAT_IS_VAR, HAS_W, HAS_B)
+    k = (gamma * invstd)[None, None, :]
+    if TRAINING:
+        mean_g = (tl.load(DBETA + c, mask=cmask, other=0.0) / count)[None, None, :]
+        mean_gx = (tl.load(DGAMMA + c, mask=cmask, other=0.0) / count)[None, None, :]
+    mean, invstd, gamma, beta = mean[None, None, :], invstd[None, None, :], gamma[None, None, :], beta[None, None, :]
+    for t in range(s * tps, tl.minimum(s * tps + tps, n_tiles)):
+        off, mask, _ = _tile(t, nbL, N, L, C, sN, sL, sC, c, cmask, BLOCK_N, BLOCK_L, INT64)
+        doff, _, _ = _tile(t, nbL, N, L, C, dN, dL, dC, c, cmask, BLOCK_N, BLOCK_L, INT64)
+        xhat, z = _recompute(S, off, mask, mean, invstd, gamma, beta, slope, ACT, FROM_OUTPUT)
+        dy = tl.load(DY + doff, mask=mask, other=0.0).to(tl.float32)
+        g = _activation_grad(dy, z, slope, ACT)
+        if TRAINING:
+            g = g - mean_g - xhat * mean_gx
+        tl.store(DX + off, (k * g).to(DX.dtype.element_ty), mask=mask)
