@@ -47,17 +47,12 @@ def is_exporting() -> bool:
 def normalize_running(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor,
                       weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
                       activation: str = "identity", negative_slope: float = 0.01) -> torch.Tensor:
-    """Normalize with the running statistics (eval mode).
+    """Normalize with the running statistics (eval mode): torch's own ``batch_norm(training=False)``.
 
-    Eager and ``torch.compile``: :func:`normalize`, i.e. ``(x - mean) * scale + bias`` in the
-    accumulation dtype, which keeps channels whose mean is large next to their std accurate
-    (torch's eval kernel computes ``x * scale + shift`` and loses those digits to cancellation).
-    While exporting (:func:`is_exporting`): torch's own ``batch_norm(training=False)``, so the graph
-    holds one standard batch-norm node (ONNX ``BatchNormalization``) that runtimes run fused and
-    optimizers fold into the preceding convolution. Both agree to float rounding.
+    It is torch.nn's eval computation, so the numbers are torch's (``x * scale + shift``), it is one
+    fused pass on every device, and exported graphs hold one standard batch-norm node (ONNX
+    ``BatchNormalization``) that runtimes run fused and optimizers fold into the preceding convolution.
+    The activation follows as a separate op, as ``BatchNorm2d`` followed by ``ReLU`` would.
     """
-    if is_exporting():
-        y = F.batch_norm(x, running_mean, running_var, weight, bias, training=False, momentum=0.0, eps=eps)
-        return apply_activation(y, activation, negative_slope)
-    acc = accumulation_dtype(x.dtype)
-    return normalize(x, running_mean.to(acc), running_var.to(acc), weight, bias, eps, activation, negative_slope)
+    y = F.batch_norm(x, running_mean, running_var, weight, bias, training=False, momentum=0.0, eps=eps)
+    return apply_activation(y, activation, negative_slope)
