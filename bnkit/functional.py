@@ -37,11 +37,12 @@ def _is_compiling() -> bool:
     return torch.compiler.is_compiling()
 
 
-def batch_statistics_update(name: str, mean: torch.Tensor, var: torch.Tensor, n: int,
+def batch_statistics_update(name: str, mean: torch.Tensor, var: torch.Tensor, n: int | None,
                             running_mean, running_var, momentum, num_batches_tracked, nonfinite: str) -> None:
     """Fold one batch's ``(mean, biased var)`` over ``n`` values into the running statistics.
 
-    Shared by every layer that updates running statistics from batch statistics.
+    Shared by every layer that updates running statistics from batch statistics. ``n=None``:
+    ``var`` is already the unbiased estimate (ghost and synced statistics compute their own).
     """
     keep = None
     if nonfinite != "propagate":
@@ -60,7 +61,8 @@ def batch_statistics_update(name: str, mean: torch.Tensor, var: torch.Tensor, n:
         if num_batches_tracked is None:
             raise ValueError(f"{name}: momentum=None (cumulative average) needs num_batches_tracked")
         momentum = 1.0 / torch.clamp(num_batches_tracked, min=1).to(mean.dtype)
-    update_running_stats(running_mean, running_var, mean, var * unbiased_factor(n), momentum, keep)
+    unbiased = var if n is None else var * unbiased_factor(n)
+    update_running_stats(running_mean, running_var, mean, unbiased, momentum, keep)
 
 
 def batch_norm(input: torch.Tensor, running_mean: torch.Tensor | None, running_var: torch.Tensor | None,

@@ -12,9 +12,9 @@ from torch.nn.modules.batchnorm import _BatchNorm as _TorchBatchNorm
 
 from ..functional import batch_statistics_update, check_nonfinite_policy
 from ..ops import check_activation, normalize
-from ..stats import accumulation_dtype, batch_moments
+from ..stats import accumulation_dtype, batch_moments, chunk_sizes, ghost_moments, pooled_moments
 from ..stats import momentum as momentum_lib
-from ..validation import check_batch_size, check_input
+from ..validation import SINGLE_VALUE_FIXES, check_batch_size, check_input
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormBase", "STATS_FROZEN_MODES"]
 
@@ -53,6 +53,14 @@ class BatchNormBase(_TorchBatchNorm):
         negative_slope: of ``leaky_relu``.
         nonfinite: a batch whose statistics are NaN/Inf: ``"skip"`` its running update (default, warns),
             ``"raise"``, or ``"propagate"`` (torch's behaviour).
+        virtual_batch_size: ghost batch norm (Hoffer et al., 2017). In training, the batch is split
+            along N into consecutive chunks of this many samples (the last chunk is smaller when
+            the size does not divide N), and each chunk is normalized with its own statistics,
+            exactly as plain batch norm on that chunk. The running statistics are updated *once*
+            per step (tf-keras' rule) with the chunk-size-weighted mean of the chunk means and the
+            pooled within-chunk unbiased variance ``sum_g m2_g / (n - G)`` (= the mean of the
+            chunks' unbiased variances when chunks are equal); ``num_batches_tracked`` += 1.
+            A chunk of one value per channel raises. Eval ignores it. Default ``None`` (off).
 
     Shape:
         Input ``(N, C, *)``; output the same shape, dtype and memory format.
@@ -64,7 +72,8 @@ class BatchNormBase(_TorchBatchNorm):
     def __init__(self, num_features: int, eps: float = 1e-5, momentum=_UNSET, affine: bool = True,
                  track_running_stats: bool = True, device=None, dtype=None, *, decay: float | None = None,
                  half_life: float | None = None, momentum_schedule=None, total_steps: int | None = None,
-                 activation: str | None = None, negative_slope: float = 0.01, nonfinite: str = "skip"):
+                 activation: str | None = None, negative_slope: float = 0.01, nonfinite: str = "skip",
+                 virtual_batch_size: int | None = None):
         name = f"{type(self).__name__}({num_features})"
         if not isinstance(num_features, int) or num_features < 1:
             raise ValueError(f"{type(self).__name__}: num_features must be a positive int, got {num_features!r}")
@@ -80,6 +89,10 @@ class BatchNormBase(_TorchBatchNorm):
         self.negative_slope = negative_slope
         self.nonfinite = check_nonfinite_policy(name, nonfinite)
         self.stats_frozen = None
+        if virtual_batch_size is not None and (isinstance(virtual_batch_size, bool)
+                                               or not isinstance(virtual_batch_size, int) or virtual_batch_size < 1):
+            raise ValueError(f"{name}: virtual_batch_size must be a positive int or None, got {virtual_batch_size!r}")
+        self.virtual_batch_size = virtual_batch_size
 
     @property
     def layer_name(self) -> str:
@@ -126,12 +139,43 @@ class BatchNormBase(_TorchBatchNorm):
             acc = accumulation_dtype(input.dtype)
             return normalize(input, self.running_mean.to(acc), self.running_var.to(acc), self.weight, self.bias,
                              self.eps, self.activation, self.negative_slope)
+        mean, var = self._batch_statistics(input)
+        return normalize(input, mean, var, self.weight, self.bias, self.eps, self.activation, self.negative_slope)
+
+    def _batch_statistics(self, input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``(mean, var)`` that normalize this batch, shape ``(C,)`` or per sample ``(N, C)``.
+
+        Also folds the batch into the running statistics when the layer updates them. This is the
+        one step that ghost, synchronized and renormalized batch norm change.
+        """
+        if self.virtual_batch_size is not None:
+            return self._ghost_statistics(input)
         n = check_batch_size(self.layer_name, input)
         mean, var = batch_moments(input)
+        self._update_running(mean, var, n)
+        return mean, var
+
+    def _update_running(self, mean: torch.Tensor, var: torch.Tensor, n: int | None) -> None:
+        """Fold ``(mean, biased var over n values)`` (``n=None``: ``var`` is unbiased) into the running stats."""
         if self._updates_running_stats():
             batch_statistics_update(self.layer_name, mean, var, n, self.running_mean, self.running_var,
                                     self._update_momentum(), self.num_batches_tracked, self.nonfinite)
-        return normalize(input, mean, var, self.weight, self.bias, self.eps, self.activation, self.negative_slope)
+
+    def _ghost_statistics(self, input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        check_batch_size(self.layer_name, input)
+        sizes = chunk_sizes(input.shape[0], self.virtual_batch_size)
+        per_sample = input[0, 0].numel()
+        if sizes[-1] * per_sample == 1:
+            raise ValueError(
+                f"{self.layer_name}: virtual_batch_size={self.virtual_batch_size} splits the batch of "
+                f"{input.shape[0]} (input shape {tuple(input.shape)}) into chunks {sizes}; the last chunk has one "
+                f"value per channel, whose statistics are undefined. Use a batch size divisible by "
+                f"{self.virtual_batch_size}, or: {SINGLE_VALUE_FIXES}.")
+        mean, var = ghost_moments(input, self.virtual_batch_size)
+        counts = torch.tensor(sizes, device=input.device)
+        if self._updates_running_stats():
+            self._update_running(*pooled_moments(mean.detach(), var.detach(), counts * per_sample), None)
+        return mean.repeat_interleave(counts, dim=0), var.repeat_interleave(counts, dim=0)
 
     def extra_repr(self) -> str:
         s = super().extra_repr()
@@ -147,6 +191,8 @@ class BatchNormBase(_TorchBatchNorm):
             s += f", nonfinite={self.nonfinite!r}"
         if self.stats_frozen is not None:
             s += f", stats_frozen={self.stats_frozen!r}"
+        if self.virtual_batch_size is not None:
+            s += f", virtual_batch_size={self.virtual_batch_size}"
         return s
 
 

@@ -15,13 +15,17 @@ __all__ = ["normalize"]
 
 
 def _channel_view(v: torch.Tensor, ndim: int) -> torch.Tensor:
-    return v.reshape((1, -1) + (1,) * (ndim - 2))
+    # (C,) broadcasts over every sample; (N, C) holds per-sample statistics (ghost batch norm).
+    return v.reshape((1, -1) + (1,) * (ndim - 2)) if v.dim() == 1 else v.reshape(v.shape + (1,) * (ndim - 2))
 
 
 def normalize(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, weight: torch.Tensor | None,
               bias: torch.Tensor | None, eps: float, activation: str = "identity",
               negative_slope: float = 0.01) -> torch.Tensor:
-    """``act((x - mean) / sqrt(var + eps) * weight + bias)`` per channel (dimension 1)."""
+    """``act((x - mean) / sqrt(var + eps) * weight + bias)`` per channel (dimension 1).
+
+    ``mean``/``var`` have shape ``(C,)``, or ``(N, C)`` for statistics that differ per sample.
+    """
     acc = mean.dtype
     scale = torch.rsqrt(var + eps)
     if weight is not None:
