@@ -1,4 +1,6 @@
 """The modules users hold."""
 from .batchnorm import STATS_FROZEN_MODES, BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormBase
+from .renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d, BatchRenormBase, LinearRamp, renorm_warmup
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormBase", "STATS_FROZEN_MODES"]
+__all__ += ["BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d", "BatchRenormBase", "LinearRamp", "renorm_warmup"]
