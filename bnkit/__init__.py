@@ -4,9 +4,15 @@ from .freeze import batch_norm_layers, freeze_stats, frozen_stats, unfreeze_stat
 from .nn import BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormBase
 from .stats import momentum
 from .nn import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d, BatchRenormBase, renorm_warmup
+from .nn import FrozenBatchNorm, FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d, SyncBatchNorm
+# The functions bnkit.convert and bnkit.freeze take the names of their modules on purpose (the
+# public API); the modules stay importable as bnkit.convert / bnkit.freeze via ``from ... import``.
+from .convert import convert, convert_sync_batchnorm, freeze
 
 __version__ = "0.1.0"
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormBase", "batch_norm_layers",
            "freeze_stats", "frozen_stats", "functional", "momentum", "reference", "stats", "unfreeze_stats"]
 __all__ += ["BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d", "BatchRenormBase", "renorm_warmup"]
+__all__ += ["FrozenBatchNorm", "FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d", "SyncBatchNorm",
+            "convert", "convert_sync_batchnorm", "freeze"]
