@@ -5,6 +5,7 @@ from .nn import BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormBase
 from .stats import momentum
 from .nn import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d, BatchRenormBase, renorm_warmup
 from .nn import FrozenBatchNorm, FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d, SyncBatchNorm
+from .nn import DomainBatchNorm, DomainBatchNorm1d, DomainBatchNorm2d, DomainBatchNorm3d, use_domain
 # The functions bnkit.convert and bnkit.freeze take the names of their modules on purpose (the
 # public API); the modules stay importable as bnkit.convert / bnkit.freeze via ``from ... import``.
 from .convert import convert, convert_sync_batchnorm, freeze
@@ -16,3 +17,4 @@ __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormBase", "batch_
 __all__ += ["BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d", "BatchRenormBase", "renorm_warmup"]
 __all__ += ["FrozenBatchNorm", "FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d", "SyncBatchNorm",
             "convert", "convert_sync_batchnorm", "freeze"]
+__all__ += ["DomainBatchNorm", "DomainBatchNorm1d", "DomainBatchNorm2d", "DomainBatchNorm3d", "use_domain"]
