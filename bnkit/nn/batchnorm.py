@@ -175,7 +175,9 @@ class BatchNormBase(_TorchBatchNorm):
         counts = torch.tensor(sizes, device=input.device)
         if self._updates_running_stats():
             self._update_running(*pooled_moments(mean.detach(), var.detach(), counts * per_sample), None)
-        return mean.repeat_interleave(counts, dim=0), var.repeat_interleave(counts, dim=0)
+        # output_size: no device-to-host sync to learn the length on the GPU.
+        expand = {"dim": 0, "output_size": input.shape[0]}
+        return mean.repeat_interleave(counts, **expand), var.repeat_interleave(counts, **expand)
 
     def extra_repr(self) -> str:
         s = super().extra_repr()

@@ -110,10 +110,12 @@ class BatchRenormBase(BatchNormBase):
         self.register_buffer("renorm_std", torch.ones(num_features, **factory))
 
     def _limits(self) -> tuple[float, float]:
+        if not (callable(self.rmax) or callable(self.dmax)):
+            return _check_limits(self.layer_name, self.rmax, self.dmax)   # no host sync for the step
         step = 1 + int(self.num_batches_tracked)
         rmax = self.rmax(step) if callable(self.rmax) else self.rmax
         dmax = self.dmax(step) if callable(self.dmax) else self.dmax
-        return _check_limits(self.layer_name, rmax, dmax, step if callable(self.rmax) or callable(self.dmax) else None)
+        return _check_limits(self.layer_name, rmax, dmax, step)
 
     def _batch_statistics(self, input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         n = check_batch_size(self.layer_name, input)
