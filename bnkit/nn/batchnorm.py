@@ -12,9 +12,9 @@ from torch.nn.modules.batchnorm import _BatchNorm as _TorchBatchNorm
 
 from ..functional import batch_statistics_update, check_nonfinite_policy
 from ..ops import check_activation, normalize
-from ..stats import accumulation_dtype, batch_moments, chunk_sizes, ghost_moments, pooled_moments
+from ..stats import accumulation_dtype, batch_moments, ghost_statistics
 from ..stats import momentum as momentum_lib
-from ..validation import SINGLE_VALUE_FIXES, check_batch_size, check_input
+from ..validation import check_batch_size, check_input
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormBase", "STATS_FROZEN_MODES"]
 
@@ -149,7 +149,9 @@ class BatchNormBase(_TorchBatchNorm):
         one step that ghost, synchronized and renormalized batch norm change.
         """
         if self.virtual_batch_size is not None:
-            return self._ghost_statistics(input)
+            mean, var, pooled = ghost_statistics(self.layer_name, input, self.virtual_batch_size)
+            self._update_running(*pooled, None)
+            return mean, var
         n = check_batch_size(self.layer_name, input)
         mean, var = batch_moments(input)
         self._update_running(mean, var, n)
@@ -160,24 +162,6 @@ class BatchNormBase(_TorchBatchNorm):
         if self._updates_running_stats():
             batch_statistics_update(self.layer_name, mean, var, n, self.running_mean, self.running_var,
                                     self._update_momentum(), self.num_batches_tracked, self.nonfinite)
-
-    def _ghost_statistics(self, input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        check_batch_size(self.layer_name, input)
-        sizes = chunk_sizes(input.shape[0], self.virtual_batch_size)
-        per_sample = input[0, 0].numel()
-        if sizes[-1] * per_sample == 1:
-            raise ValueError(
-                f"{self.layer_name}: virtual_batch_size={self.virtual_batch_size} splits the batch of "
-                f"{input.shape[0]} (input shape {tuple(input.shape)}) into chunks {sizes}; the last chunk has one "
-                f"value per channel, whose statistics are undefined. Use a batch size divisible by "
-                f"{self.virtual_batch_size}, or: {SINGLE_VALUE_FIXES}.")
-        mean, var = ghost_moments(input, self.virtual_batch_size)
-        counts = torch.tensor(sizes, device=input.device)
-        if self._updates_running_stats():
-            self._update_running(*pooled_moments(mean.detach(), var.detach(), counts * per_sample), None)
-        # output_size: no device-to-host sync to learn the length on the GPU.
-        expand = {"dim": 0, "output_size": input.shape[0]}
-        return mean.repeat_interleave(counts, **expand), var.repeat_interleave(counts, **expand)
 
     def extra_repr(self) -> str:
         s = super().extra_repr()

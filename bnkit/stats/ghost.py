@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import torch
 
+from ..validation import SINGLE_VALUE_FIXES, check_batch_size
 from .moments import accumulation_dtype
 
-__all__ = ["chunk_sizes", "ghost_moments", "pooled_moments"]
+__all__ = ["chunk_sizes", "ghost_moments", "pooled_moments", "ghost_statistics"]
 
 
 def chunk_sizes(batch: int, virtual_batch_size: int) -> list[int]:
@@ -69,3 +70,26 @@ def pooled_moments(mean: torch.Tensor, var: torch.Tensor, values: torch.Tensor) 
     pooled_mean = (w * mean).sum(0) / total
     pooled_var = (w * var).sum(0) / (total - values.numel())
     return pooled_mean, pooled_var
+
+
+def ghost_statistics(name: str, x: torch.Tensor, virtual_batch_size: int):
+    """What a ghost batch-norm layer needs: ``(mean, var, (pooled_mean, pooled_unbiased_var))``.
+
+    ``mean``/``var`` are per sample, shape ``(N, C)`` (each sample gets its chunk's statistics,
+    differentiable); the pooled pair, detached, is for the running statistics. Raises, naming the
+    layer ``name``, for an empty batch or a chunk with one value per channel.
+    """
+    check_batch_size(name, x)
+    sizes = chunk_sizes(x.shape[0], virtual_batch_size)
+    per_sample = x[0, 0].numel()
+    if sizes[-1] * per_sample == 1:
+        raise ValueError(
+            f"{name}: virtual_batch_size={virtual_batch_size} splits the batch of {x.shape[0]} (input shape "
+            f"{tuple(x.shape)}) into chunks {sizes}; the last chunk has one value per channel, whose statistics "
+            f"are undefined. Use a batch size divisible by {virtual_batch_size}, or: {SINGLE_VALUE_FIXES}.")
+    mean, var = ghost_moments(x, virtual_batch_size)
+    counts = torch.tensor(sizes, device=x.device)
+    pooled = pooled_moments(mean.detach(), var.detach(), counts * per_sample)
+    # output_size: no device-to-host sync to learn the length on the GPU.
+    expand = {"dim": 0, "output_size": x.shape[0]}
+    return mean.repeat_interleave(counts, **expand), var.repeat_interleave(counts, **expand), pooled
