@@ -10,6 +10,12 @@ from .ops.backend import get_backend, set_backend
 from .stats import momentum
 from .doctor import doctor
 from .fold import fold
+from .nn import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d, BatchRenormBase, renorm_warmup
+from .nn import FrozenBatchNorm, FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d, SyncBatchNorm
+from .nn import DomainBatchNorm, DomainBatchNorm1d, DomainBatchNorm2d, DomainBatchNorm3d, use_domain
+# The functions bnkit.convert and bnkit.freeze take the names of their modules on purpose (the
+# public API); the modules stay importable as bnkit.convert / bnkit.freeze via ``from ... import``.
+from .convert import convert, convert_sync_batchnorm, freeze
 
 __version__ = "0.1.0"
 
@@ -19,3 +25,7 @@ __all__ = ["accumulate", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNorm
 __all__ += ["LazyBatchNorm1d", "LazyBatchNorm2d", "LazyBatchNorm3d", "from_keras", "to_keras"]
 __all__ += ["doctor", "fold"]
 __all__ += ["get_backend", "set_backend"]
+__all__ += ["BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d", "BatchRenormBase", "renorm_warmup"]
+__all__ += ["FrozenBatchNorm", "FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d", "SyncBatchNorm",
+            "convert", "convert_sync_batchnorm", "freeze"]
+__all__ += ["DomainBatchNorm", "DomainBatchNorm1d", "DomainBatchNorm2d", "DomainBatchNorm3d", "use_domain"]

@@ -70,7 +70,8 @@ def running_update(name: str, mean: torch.Tensor, var: torch.Tensor, n, running_
                    warn: bool = True) -> RunningStats:
     """Out of place: the running statistics after one batch of ``(mean, biased var)`` over ``n`` values.
 
-    ``n`` is an int or a tensor (masked batches). ``warn=False`` never inspects values on the host
+    ``n`` is an int or a tensor (masked batches), or ``None`` when ``var`` is already the estimate to
+    store (ghost and synced statistics compute their own). ``warn=False`` never inspects values on the host
     (no sync, safe under ``torch.func`` transforms): a non-finite batch is skipped silently.
     """
     keep = None
@@ -91,7 +92,7 @@ def running_update(name: str, mean: torch.Tensor, var: torch.Tensor, n, running_
         if count is None:
             raise ValueError(f"{name}: momentum=None (cumulative average) needs num_batches_tracked")
         momentum = 1.0 / torch.clamp(count, min=1).to(mean.dtype)
-    stored_var = var * unbiased_factor(n) if variance == "unbiased" else var
+    stored_var = var * unbiased_factor(n) if variance == "unbiased" and n is not None else var
     return RunningStats(None if running_mean is None else ema(running_mean, mean, momentum, keep),
                         None if running_var is None else ema(running_var, stored_var, momentum, keep), count)
 

@@ -14,10 +14,12 @@ import torch
 from torch.nn.modules.batchnorm import _BatchNorm as _TorchBatchNorm
 
 from ..functional import (SINGLE_SAMPLE_POLICIES, VARIANCE_KINDS, _channel_first, _check_choice, _check_mask,
-                          _write_back, check_nonfinite_policy, forward_core, mask_from_lengths)
-from ..ops import check_activation, check_memory_efficient, is_exporting
+                          _write_back, batch_statistics_update, check_nonfinite_policy, forward_core,
+                          mask_from_lengths)
+from ..ops import check_activation, check_memory_efficient, is_exporting, normalize
 from ..ops.backend import kernels_for
-from ..stats import accumulation_dtype
+from ..stats import accumulation_dtype, batch_moments, ghost_statistics
+from ..validation import check_batch_size
 from ..stats import momentum as momentum_lib
 from ..validation import check_input
 
@@ -67,6 +69,17 @@ class BatchNormBase(_TorchBatchNorm):
             a weight alpha in [0, 1], or ``"auto"`` for ``1 / B`` with B the last training batch size.
         variance: which variance the running update stores, ``"unbiased"`` (torch) or ``"biased"``
             (Keras, Flax).
+        memory_efficient: Triton path, training: keep only the output for backward (In-Place ABN), so
+            the input can be freed; needs an invertible activation (identity, leaky_relu with a positive
+            slope) and no weight entry equal to 0. Ignored on the torch path.
+        virtual_batch_size: ghost batch norm (Hoffer et al., 2017). In training, the batch is split
+            along N into consecutive chunks of this many samples (the last chunk is smaller when
+            the size does not divide N), and each chunk is normalized with its own statistics,
+            exactly as plain batch norm on that chunk. The running statistics are updated *once*
+            per step (tf-keras' rule) with the chunk-size-weighted mean of the chunk means and the
+            pooled within-chunk unbiased variance ``sum_g m2_g / (n - G)`` (= the mean of the
+            chunks' unbiased variances when chunks are equal); ``num_batches_tracked`` += 1.
+            A chunk of one value per channel raises. Eval ignores it. Default ``None`` (off).
 
     ``forward(input, mask=None, lengths=None)``: ``mask`` (bool, the input's shape without the
     channel dimension; False marks padding) or ``lengths`` (``(N,)`` valid lengths of a 3-D input)
@@ -75,9 +88,6 @@ class BatchNormBase(_TorchBatchNorm):
     The state_dict records the layer's conventions (eps, momentum, its convention, variance kind) in
     its metadata; loading a bnkit checkpoint whose conventions differ warns. Plain torch checkpoints
     load silently, and torch.nn loads bnkit checkpoints.
-        memory_efficient: Triton path, training: keep only the output for backward (In-Place ABN), so
-            the input can be freed; needs an invertible activation (identity, leaky_relu with a positive
-            slope) and no weight entry equal to 0. Ignored on the torch path.
 
     Shape:
         Input ``(N, C, *)``; output the same shape, dtype and memory format.
@@ -92,7 +102,7 @@ class BatchNormBase(_TorchBatchNorm):
                  half_life: float | None = None, momentum_schedule=None, total_steps: int | None = None,
                  activation: str | None = None, negative_slope: float = 0.01, nonfinite: str = "skip",
                  bias: bool = True, axis: int = 1, single_sample: str = "raise", example_weight=None,
-                 variance: str = "unbiased", memory_efficient: bool = False):
+                 variance: str = "unbiased", memory_efficient: bool = False, virtual_batch_size: int | None = None):
         name = f"{type(self).__name__}({num_features})"
         if not isinstance(num_features, int) or num_features < self._min_features:
             raise ValueError(f"{type(self).__name__}: num_features must be a positive int, got {num_features!r}")
@@ -120,6 +130,10 @@ class BatchNormBase(_TorchBatchNorm):
         self.last_train_batch_size = None  # for example_weight="auto"
         self.stats_sink = None  # set by bnkit.accumulate: receives batch statistics instead of the running update
         _register_state_dict_post_hook(self, _record_conventions)
+        if virtual_batch_size is not None and (isinstance(virtual_batch_size, bool)
+                                               or not isinstance(virtual_batch_size, int) or virtual_batch_size < 1):
+            raise ValueError(f"{name}: virtual_batch_size must be a positive int or None, got {virtual_batch_size!r}")
+        self.virtual_batch_size = virtual_batch_size
 
     @property
     def layer_name(self) -> str:
@@ -212,6 +226,13 @@ class BatchNormBase(_TorchBatchNorm):
         y = self._fused_forward(x, mask)
         if y is not None:
             return y if self.axis % y.dim() == 1 else y.movedim(1, self.axis)
+        if self._custom_batch_statistics() and self._uses_batch_stats():
+            if mask is not None:
+                raise ValueError(f"{self.layer_name}: mask=/lengths= are not supported together with "
+                                 f"{'virtual_batch_size' if self.virtual_batch_size else type(self).__name__}")
+            mean, var = self._batch_statistics(x)
+            y = normalize(x, mean, var, self.weight, self.bias, self.eps, self.activation, self.negative_slope)
+            return y if self.axis % y.dim() == 1 else y.movedim(1, self.axis)
         update = self._updates_running_stats()
         y, new = forward_core(
             self.layer_name, x, self.weight, self.bias, self.running_mean, self.running_var, self.num_batches_tracked,
@@ -238,6 +259,40 @@ class BatchNormBase(_TorchBatchNorm):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 
+    def _custom_batch_statistics(self) -> bool:
+        """True when ``_batch_statistics`` is not plain batch statistics (ghost BN, or a subclass's own)."""
+        return self.virtual_batch_size is not None or \
+            type(self)._batch_statistics is not BatchNormBase._batch_statistics
+
+    def _batch_statistics(self, input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``(mean, var)`` that normalize this batch, shape ``(C,)`` or per sample ``(N, C)``.
+
+        Also folds the batch into the running statistics when the layer updates them. This is the
+        one step that ghost, synchronized and renormalized batch norm change.
+        """
+        if self.virtual_batch_size is not None:
+            mean, var, pooled = ghost_statistics(self.layer_name, input, self.virtual_batch_size)
+            self._update_running(*pooled, None)
+            return mean, var
+        n = check_batch_size(self.layer_name, input)
+        mean, var = batch_moments(input)
+        self._update_running(mean, var, n)
+        return mean, var
+
+    def _update_running(self, mean: torch.Tensor, var: torch.Tensor, n: int | None) -> None:
+        """Fold ``(mean, biased var over n values)`` (``n=None``: ``var`` is unbiased) into the running stats,
+        or hand them to ``bnkit.accumulate``."""
+        if not self._updates_running_stats():
+            return
+        if self.stats_sink is not None:
+            if n is None:
+                raise ValueError(f"{self.layer_name}: bnkit.accumulate cannot pool ghost-batch statistics "
+                                 f"(virtual_batch_size); use plain batch norm inside accumulate()")
+            self.stats_sink(mean.detach(), var.detach(), n)
+            return
+        batch_statistics_update(self.layer_name, mean, var, n, self.running_mean, self.running_var,
+                                self._update_momentum(), self.num_batches_tracked, self.nonfinite, self.variance)
+
     def extra_repr(self) -> str:
         s = super().extra_repr()
         if self.momentum_convention == "decay":
@@ -256,6 +311,8 @@ class BatchNormBase(_TorchBatchNorm):
                               ("variance", "unbiased")):
             if getattr(self, attr) != default:
                 s += f", {attr}={getattr(self, attr)!r}"
+        if self.virtual_batch_size is not None:
+            s += f", virtual_batch_size={self.virtual_batch_size}"
         return s
 
 

@@ -1,0 +1,215 @@
+"""``bnkit.convert``: swap every batch-norm layer of a model in place, losing nothing.
+
+One mechanism behind ``convert(model, to=...)``, :func:`convert_sync_batchnorm` and :func:`freeze`:
+
+==========  ==========================================================================
+``to``      what each batch-norm layer becomes
+==========  ==========================================================================
+"bnkit"     ``torch.nn.BatchNorm1d/2d/3d`` -> ``bnkit.BatchNorm1d/2d/3d``,
+            ``torch.nn.SyncBatchNorm`` -> ``bnkit.SyncBatchNorm``, frozen -> ``bnkit.BatchNorm*d``
+"torch"     the reverse (bnkit sync -> ``torch.nn.SyncBatchNorm``, frozen -> ``torch.nn.BatchNorm*d``)
+"sync"      any batch norm (torch or bnkit, Nd or sync) -> ``bnkit.SyncBatchNorm(process_group=...)``
+"frozen"    any batch norm with running statistics -> ``bnkit.FrozenBatchNorm1d/2d/3d``
+            (``FrozenBatchNorm`` for sync layers, whose input rank is not fixed)
+==========  ==========================================================================
+
+Kept: the *same* ``weight``/``bias`` Parameter objects (so an optimizer built before the
+conversion keeps training them, and ``requires_grad`` is unchanged) and the same buffer tensors
+(``running_mean``, ``running_var``, ``num_batches_tracked``), hence device and dtype; ``eps``,
+``momentum``, ``affine``, ``track_running_stats``, the training flag, bnkit's extras between bnkit
+layers, and frozen statistics (``bnkit.freeze_stats``) across torch <-> bnkit. Across the frozen
+boundary values are *copied* (frozen layers hold buffers, not Parameters; a layer unfrozen gets new
+Parameters with ``requires_grad=True`` and ``num_batches_tracked=0``). Hooks registered on the old
+layers are not carried over. Layers already of the target kind are left as they are.
+
+Refused with a ValueError naming the layer, before anything is swapped: a conversion that would
+change the numbers (a bnkit ``activation``, ``virtual_batch_size`` or ``momentum_schedule`` to
+torch; ``virtual_batch_size`` to sync; freezing a layer without running statistics) and
+``BatchRenorm`` to "torch"/"sync" (no equivalent). ``DomainBatchNorm`` is a container of plain
+layers, so its per-domain layers are converted like any others.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .freeze import _set_mode, stats_frozen_mode
+from .nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormBase
+from .nn.frozen import FrozenBatchNorm, FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d
+from .nn.renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d, BatchRenormBase
+from .nn.sync import SyncBatchNorm
+
+__all__ = ["convert", "convert_sync_batchnorm", "freeze", "TARGETS"]
+
+TARGETS = ("bnkit", "torch", "sync", "frozen")
+
+_DIMS = ((nn.BatchNorm1d, 1), (nn.BatchNorm2d, 2), (nn.BatchNorm3d, 3), (BatchNorm1d, 1), (BatchNorm2d, 2),
+         (BatchNorm3d, 3), (BatchRenorm1d, 1), (BatchRenorm2d, 2), (BatchRenorm3d, 3),
+         (FrozenBatchNorm1d, 1), (FrozenBatchNorm2d, 2), (FrozenBatchNorm3d, 3))
+_CLASSES = {"torch": {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d, None: nn.SyncBatchNorm},
+            "bnkit": {1: BatchNorm1d, 2: BatchNorm2d, 3: BatchNorm3d, None: SyncBatchNorm},
+            "frozen": {1: FrozenBatchNorm1d, 2: FrozenBatchNorm2d, 3: FrozenBatchNorm3d, None: FrozenBatchNorm}}
+# bnkit attributes that torch layers lack, copied between bnkit layers.
+_EXTRAS = ("momentum_convention", "momentum_schedule", "activation", "negative_slope", "nonfinite",
+           "virtual_batch_size")
+
+
+def _dims(m: nn.Module):
+    return next((d for cls, d in _DIMS if isinstance(m, cls)), None)
+
+
+def _kind(m: nn.Module):
+    """``"frozen"``, ``"renorm"``, ``"bnkit-sync"``, ``"bnkit"``, ``"torch-sync"``, ``"torch"`` or None."""
+    for cls, kind in ((FrozenBatchNorm, "frozen"), (BatchRenormBase, "renorm"), (SyncBatchNorm, "bnkit-sync"),
+                      (BatchNormBase, "bnkit"), (nn.SyncBatchNorm, "torch-sync"), (_BatchNorm, "torch")):
+        if isinstance(m, cls):
+            return kind
+    return None
+
+
+def _target_class(m: nn.Module, kind: str, to: str, where: str):
+    """The class ``m`` becomes, or None to leave it as it is."""
+    if to == "frozen":
+        return None if kind == "frozen" else _CLASSES["frozen"][_dims(m)]
+    if kind == "renorm":
+        if to == "bnkit":
+            return None
+        raise ValueError(f"{where}: BatchRenorm has no {to!r} equivalent; convert it with to='frozen' or replace it")
+    if to == "sync":
+        return None if kind in ("bnkit-sync", "frozen") else SyncBatchNorm
+    if kind.startswith(to):
+        return None
+    dims = None if kind.endswith("sync") else _dims(m)
+    if dims is None and not kind.endswith("sync"):
+        raise ValueError(f"{where}: cannot tell whether it is 1d, 2d or 3d; convert a BatchNorm1d/2d/3d instead")
+    return _CLASSES[to][dims]
+
+
+def _check_representable(m: nn.Module, to: str, where: str) -> None:
+    if isinstance(m, BatchNormBase):
+        lost = []
+        if to == "torch":
+            lost = [k for k, default in (("activation", "identity"), ("virtual_batch_size", None),
+                                         ("momentum_schedule", None)) if getattr(m, k) != default]
+        elif to == "sync" and m.virtual_batch_size is not None:
+            lost = ["virtual_batch_size"]
+        if lost:
+            raise ValueError(f"{where}: {', '.join(f'{k}={getattr(m, k)!r}' for k in lost)} has no equivalent in "
+                             f"to={to!r} and would change the results; unset it first")
+    if to == "frozen" and not isinstance(m, FrozenBatchNorm) and m.running_mean is None:
+        raise ValueError(f"{where}: has no running statistics to freeze (track_running_stats=False)")
+    if to == "torch" and isinstance(m, FrozenBatchNorm) and m.activation != "identity":
+        raise ValueError(f"{where}: activation={m.activation!r} has no torch.nn batch-norm equivalent")
+
+
+def _from_frozen(m: FrozenBatchNorm, cls) -> nn.Module:
+    new = cls(m.num_features, m.eps, device=m.running_mean.device, dtype=m.running_mean.dtype)
+    with torch.no_grad():
+        for key in ("weight", "bias", "running_mean", "running_var"):
+            getattr(new, key).copy_(getattr(m, key))
+    if isinstance(new, BatchNormBase):
+        new.activation, new.negative_slope = m.activation, m.negative_slope
+    return new
+
+
+def _to_frozen(m: _BatchNorm, cls) -> FrozenBatchNorm:
+    extra = {"activation": m.activation, "negative_slope": m.negative_slope} if isinstance(m, BatchNormBase) else {}
+    new = cls(m.num_features, m.eps, device=m.running_mean.device, dtype=m.running_mean.dtype, **extra)
+    with torch.no_grad():
+        new.running_mean.copy_(m.running_mean)
+        new.running_var.copy_(m.running_var)
+        if m.weight is not None:
+            new.weight.copy_(m.weight)
+        if m.bias is not None:
+            new.bias.copy_(m.bias)
+    return new
+
+
+def _swap_batch_norm(m: _BatchNorm, cls, process_group) -> nn.Module:
+    kwargs = {"process_group": process_group if process_group is not None else getattr(m, "process_group", None)} \
+        if cls in (SyncBatchNorm, nn.SyncBatchNorm) else {}
+    # Built on the meta device: every tensor below is replaced by the old layer's own.
+    new = cls(m.num_features, m.eps, affine=m.affine, track_running_stats=m.track_running_stats,
+              device="meta", **kwargs)
+    new.momentum = m.momentum
+    for key in ("weight", "bias"):
+        setattr(new, key, getattr(m, key))
+    for key in ("running_mean", "running_var", "num_batches_tracked"):
+        new._buffers[key] = m._buffers.get(key)
+    if isinstance(new, BatchNormBase) and isinstance(m, BatchNormBase):
+        for key in _EXTRAS:
+            setattr(new, key, getattr(m, key))
+    elif isinstance(new, BatchNormBase):
+        new.momentum_convention = "cumulative" if m.momentum is None else "momentum"
+    mode = stats_frozen_mode(m)
+    if mode is not None:
+        _set_mode(new, mode)
+    return new
+
+
+def _replacement(m: nn.Module, to: str, process_group, where: str):
+    kind = _kind(m)
+    if kind is None:
+        return None
+    cls = _target_class(m, kind, to, where)
+    if cls is None:
+        return None
+    _check_representable(m, to, where)
+    if kind == "frozen":
+        new = _from_frozen(m, cls)
+    elif to == "frozen":
+        new = _to_frozen(m, cls)
+    else:
+        new = _swap_batch_norm(m, cls, process_group)
+    return new.train(m.training)
+
+
+def convert(model: nn.Module, to: str = "bnkit", *, process_group=None) -> nn.Module:
+    """Swap every batch-norm layer of ``model`` in place (see the module docstring) and return the model.
+
+    If ``model`` itself is a batch-norm layer, its replacement is returned. ``process_group`` is
+    only for ``to="sync"``. A layer used at several places in the model is replaced by one new
+    layer at all of them.
+
+    >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8))
+    >>> type(convert(model, "bnkit")[1]).__name__
+    'BatchNorm2d'
+    >>> type(convert(model, "frozen")[1]).__name__
+    'FrozenBatchNorm2d'
+    """
+    if to not in TARGETS:
+        raise ValueError(f"convert: to must be one of {TARGETS}, got {to!r}")
+    if process_group is not None and to != "sync":
+        raise ValueError(f"convert: process_group is only used with to='sync', got to={to!r}")
+    replacements = {}
+    for name, m in model.named_modules():
+        new = _replacement(m, to, process_group, f"convert(to={to!r}): {name or 'the model'} "
+                                                 f"({type(m).__name__}({getattr(m, 'num_features', '?')}))")
+        if new is not None:
+            replacements[id(m)] = new
+    # Every replacement is built before the first swap, so a refusal leaves the model untouched.
+    if id(model) in replacements:
+        return replacements[id(model)]
+    for parent in list(model.modules()):
+        for child_name, child in list(parent._modules.items()):  # named_children() skips repeats
+            if id(child) in replacements:
+                setattr(parent, child_name, replacements[id(child)])
+    return model
+
+
+def convert_sync_batchnorm(model: nn.Module, process_group=None) -> nn.Module:
+    """``convert(model, "sync", process_group=...)``: every batch norm becomes :class:`bnkit.SyncBatchNorm`.
+
+    Like ``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` (shares the Parameter objects) but for
+    torch.nn and bnkit layers, keeping buffers, requires_grad and the training flag.
+    """
+    return convert(model, "sync", process_group=process_group)
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """``convert(model, "frozen")``: every batch norm becomes a ``FrozenBatchNorm*d`` (in place; returns model).
+
+    As torchvision/detectron2 do for fine-tuning: statistics and affine become fixed buffers.
+    """
+    return convert(model, "frozen")

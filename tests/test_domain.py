@@ -1,0 +1,84 @@
+"""DomainBatchNorm against one torch.nn batch norm per domain."""
+import pytest
+import torch
+from torch import nn
+
+import bnkit
+
+
+def _batches(seed):
+    gen = torch.Generator().manual_seed(seed)
+    # Domain 0 and domain 1 have different statistics.
+    return [(i % 2, torch.randn(6, 3, 4, 4, generator=gen) * (1 + 2 * (i % 2)) + 5 * (i % 2)) for i in range(6)]
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_equals_separate_torch_bn_per_domain(shared):
+    ours = bnkit.DomainBatchNorm2d(3, num_domains=2, shared_affine=shared)
+    refs = [nn.BatchNorm2d(3), nn.BatchNorm2d(3)]
+    with torch.no_grad():
+        for d, layer in enumerate(ours.domains):
+            layer.weight.add_(0.5 * d)       # shared: both add to the one weight
+        for d, ref in enumerate(refs):
+            ref.weight.copy_(ours.domains[d].weight)
+    for d, x in _batches(0):
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ya, yb = ours(xa, domain=d), refs[d](xb)
+        torch.testing.assert_close(ya, yb)
+        g = torch.randn_like(ya)
+        ya.backward(g)
+        yb.backward(g)
+        torch.testing.assert_close(xa.grad, xb.grad)
+    for d in (0, 1):
+        torch.testing.assert_close(ours.domains[d].running_mean, refs[d].running_mean)
+        torch.testing.assert_close(ours.domains[d].running_var, refs[d].running_var)
+        assert int(ours.domains[d].num_batches_tracked) == 3
+    params = list(ours.parameters())
+    if shared:      # one weight/bias pair, whose gradient is the sum of both domains'
+        assert len(params) == 2
+        torch.testing.assert_close(ours.domains[0].weight.grad, refs[0].weight.grad + refs[1].weight.grad)
+    else:
+        assert len(params) == 4
+        torch.testing.assert_close(ours.domains[1].weight.grad, refs[1].weight.grad)
+    x = torch.randn(2, 3, 4, 4)
+    ours.eval(), refs[1].eval()
+    torch.testing.assert_close(ours(x, domain=1), refs[1](x))
+
+
+def test_use_domain_context_manager_in_a_model_and_state_dict():
+    model = nn.Sequential(nn.Conv2d(3, 3, 1), bnkit.DomainBatchNorm2d(3, 2), nn.ReLU())
+    x = torch.randn(4, 3, 2, 2)
+    with bnkit.use_domain(model, 1):
+        model(x)
+        with bnkit.use_domain(model, 0):
+            model(x)
+        assert model[1].active_domain == 1
+    assert model[1].active_domain is None
+    assert [int(layer.num_batches_tracked) for layer in model[1].domains] == [1, 1]
+    copy = nn.Sequential(nn.Conv2d(3, 3, 1), bnkit.DomainBatchNorm2d(3, 2), nn.ReLU())
+    copy.load_state_dict(model.state_dict())
+    torch.testing.assert_close(copy[1].domains[1].running_mean, model[1].domains[1].running_mean)
+
+
+def test_frozen_per_domain_via_freeze():
+    bn = bnkit.DomainBatchNorm1d(2, 2)
+    bn(torch.randn(8, 2) + 3, domain=1)
+    bnkit.freeze(bn)
+    assert all(isinstance(layer, bnkit.FrozenBatchNorm1d) for layer in bn.domains)
+    x = torch.randn(3, 2)
+    expected = (x - bn.domains[1].running_mean) / torch.sqrt(bn.domains[1].running_var + 1e-5)
+    torch.testing.assert_close(bn(x, domain=1), expected)
+
+
+def test_bad_domain():
+    bn = bnkit.DomainBatchNorm3d(2, 3)
+    x = torch.randn(2, 2, 2, 2, 2)
+    with pytest.raises(ValueError, match=r"DomainBatchNorm3d\(2, num_domains=3\): no domain selected"):
+        bn(x)
+    with pytest.raises(ValueError, match=r"domain must be an int in \[0, 2\], got 3"):
+        bn(x, domain=3)
+    with pytest.raises(ValueError, match="use_domain: DomainBatchNorm3d"):
+        with bnkit.use_domain(bn, -1):
+            pass
+    with pytest.raises(ValueError, match="num_domains must be a positive int"):
+        bnkit.DomainBatchNorm2d(3, 0)

@@ -1,0 +1,146 @@
+"""FrozenBatchNorm vs eval-mode torch.nn; bnkit.convert / freeze / convert_sync_batchnorm keep everything."""
+import pytest
+import torch
+from torch import nn
+
+import bnkit
+from bnkit.convert import convert
+
+
+def _trained_bn(cls, c, shape, **kw):
+    torch.manual_seed(0)
+    bn = cls(c, **kw)
+    for _ in range(3):
+        bn(torch.randn(shape) * 2 + 1)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-1, 1)
+    return bn
+
+
+@pytest.mark.parametrize("torch_cls,frozen_cls,shape", [
+    (nn.BatchNorm1d, bnkit.FrozenBatchNorm1d, (4, 3)), (nn.BatchNorm1d, bnkit.FrozenBatchNorm1d, (4, 3, 5)),
+    (nn.BatchNorm2d, bnkit.FrozenBatchNorm2d, (4, 3, 5, 5)), (nn.BatchNorm3d, bnkit.FrozenBatchNorm3d, (2, 3, 2, 3, 4))])
+def test_frozen_loads_state_dict_and_equals_eval_torch(torch_cls, frozen_cls, shape):
+    bn = _trained_bn(torch_cls, 3, shape).eval()
+    frozen = frozen_cls(3)
+    frozen.load_state_dict(bn.state_dict())                  # num_batches_tracked ignored, strict load
+    assert sorted(k for k, _ in frozen.named_buffers()) == ["bias", "running_mean", "running_var", "weight"]
+    assert list(frozen.parameters()) == []
+    x = torch.randn(shape)
+    torch.testing.assert_close(frozen(x), bn(x), rtol=1e-6, atol=1e-6)
+    frozen.train()
+    torch.testing.assert_close(frozen(x), bn(x), rtol=1e-6, atol=1e-6)   # train() changes nothing
+
+
+def test_frozen_bad_input_names_layer():
+    with pytest.raises(ValueError, match=r"FrozenBatchNorm2d\(3\): expected 4-D input"):
+        bnkit.FrozenBatchNorm2d(3)(torch.randn(2, 3))
+    with pytest.raises(ValueError, match=r"FrozenBatchNorm2d\(3\): expected 3 channels in dimension 1, got 4"):
+        bnkit.FrozenBatchNorm2d(3)(torch.randn(2, 4, 2, 2))
+
+
+def _model():
+    torch.manual_seed(1)
+    m = nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(2), nn.BatchNorm1d(4),
+                      nn.Sequential(nn.BatchNorm1d(4, momentum=None, affine=False)))
+    m.train()
+    for _ in range(2):
+        m(torch.randn(5, 2, 5, 5))
+    m[1].weight.requires_grad_(False)
+    return m
+
+
+def test_round_trip_torch_bnkit_torch_is_exact():
+    model = _model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    weight = model[1].weight
+    x = torch.randn(6, 2, 5, 5)
+    y_before = model(x.clone())
+    model_state = {k: v.clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(before)
+    convert(model, "bnkit")
+    assert type(model[1]) is bnkit.BatchNorm2d and type(model[5][0]) is bnkit.BatchNorm1d
+    assert model[1].weight is weight and not model[1].weight.requires_grad and model[1].training
+    assert model[5][0].momentum is None and model[5][0].weight is None
+    y_bnkit = model(x.clone())
+    torch.testing.assert_close(y_bnkit, y_before, rtol=1e-5, atol=1e-6)
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, model_state[k], rtol=1e-5, atol=1e-6)
+    model.load_state_dict(before)
+    convert(model, "torch")
+    assert type(model[1]) is nn.BatchNorm2d and model[1].weight is weight
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert torch.equal(model(x.clone()), y_before)          # the same torch layers again: bitwise
+
+
+def test_dtype_device_training_flag_and_top_level_bn():
+    bn = nn.BatchNorm2d(3, dtype=torch.float64).eval()
+    new = convert(bn, "bnkit")
+    assert type(new) is bnkit.BatchNorm2d and new.running_mean.dtype == torch.float64 and not new.training
+    assert new.running_var is bn.running_var
+    frozen = convert(bnkit.BatchNorm1d(3, activation="relu"), "frozen")
+    assert type(frozen) is bnkit.FrozenBatchNorm1d and frozen.activation == "relu"
+
+
+def test_freeze_equals_eval_model_and_survives_train():
+    model = _model()
+    model[5][0].running_mean.add_(0.5)
+    x = torch.randn(4, 2, 5, 5)
+    expected = model.eval()(x)
+    model.train()
+    out = bnkit.freeze(model)
+    assert out is model and isinstance(model[1], bnkit.FrozenBatchNorm2d) and isinstance(model[5][0], bnkit.FrozenBatchNorm1d)
+    assert model.training
+    torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-6)
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    back = convert(model, "torch")                          # unfreezing gives trainable torch layers again
+    assert isinstance(back[1], nn.BatchNorm2d) and back[1].weight.requires_grad
+    torch.testing.assert_close(back.eval()(x), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_sync_conversion_keeps_parameters_buffers_extras_and_frozen_stats():
+    bn = bnkit.BatchNorm2d(4, decay=0.9, activation="relu", nonfinite="raise")
+    bnkit.freeze_stats(bn)
+    model = nn.Sequential(bn, nn.BatchNorm1d(4, momentum=0.3))
+    model[1].eval()
+    params = [p for p in model.parameters()]
+    bnkit.convert_sync_batchnorm(model)
+    assert all(type(m) is bnkit.SyncBatchNorm for m in model)
+    assert [p for p in model.parameters()] == params and all(a is b for a, b in zip(model.parameters(), params))
+    assert model[0].activation == "relu" and model[0].nonfinite == "raise" and model[0].stats_frozen == "batch"
+    assert model[0].momentum_convention == "decay" and abs(model[0].momentum - 0.1) < 1e-12
+    assert model[1].momentum == 0.3 and not model[1].training and model[0].training
+    with pytest.raises(ValueError, match="activation='relu' has no equivalent"):
+        convert(model, "torch")
+    model[0].activation = "identity"
+    convert(model, "torch")
+    assert type(model[0]) is nn.SyncBatchNorm and model[0].weight is params[0]
+    torch_bn = nn.Sequential(nn.BatchNorm2d(2))
+    bnkit.freeze_stats(torch_bn)
+    convert(torch_bn, "bnkit")
+    assert torch_bn[0].stats_frozen == "batch"
+
+
+def test_refusals_leave_model_untouched():
+    model = nn.Sequential(nn.BatchNorm2d(3), bnkit.BatchNorm2d(3, activation="relu"))
+    first = model[0]
+    with pytest.raises(ValueError, match=r"convert\(to='torch'\): 1 \(BatchNorm2d\(3\)\): activation='relu'"):
+        convert(model, "torch")
+    assert model[0] is first
+    with pytest.raises(ValueError, match="virtual_batch_size"):
+        convert(nn.Sequential(bnkit.BatchNorm2d(3, virtual_batch_size=2)), "sync")
+    with pytest.raises(ValueError, match="no running statistics to freeze"):
+        bnkit.freeze(nn.BatchNorm2d(3, track_running_stats=False))
+    with pytest.raises(ValueError, match="BatchRenorm has no 'torch' equivalent"):
+        convert(bnkit.BatchRenorm2d(3), "torch")
+    with pytest.raises(ValueError, match="to must be one of"):
+        convert(model, "keras")
+    assert isinstance(bnkit.freeze(bnkit.BatchRenorm2d(3)), bnkit.FrozenBatchNorm2d)
+
+
+def test_shared_layer_replaced_everywhere():
+    bn = nn.BatchNorm1d(3)
+    model = nn.Sequential(bn, nn.ReLU(), bn)
+    convert(model, "bnkit")
+    assert model[0] is model[2] and type(model[0]) is bnkit.BatchNorm1d

@@ -1,0 +1,102 @@
+"""Ghost batch norm (``virtual_batch_size=``) against torch.nn applied to each chunk."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import bnkit
+
+
+def _chunked_torch(x, weight, bias, size):
+    """Reference: torch's training-mode batch norm applied to each consecutive chunk alone."""
+    return torch.cat([F.batch_norm(c, None, None, weight, bias, training=True) for c in x.split(size)])
+
+
+@pytest.mark.parametrize("cls,shape,size", [
+    (bnkit.BatchNorm2d, (12, 3, 4, 5), 4),     # divides
+    (bnkit.BatchNorm2d, (10, 3, 4, 5), 4),     # last chunk of 2
+    (bnkit.BatchNorm1d, (11, 5), 3),           # 1-D input, last chunk of 2
+    (bnkit.BatchNorm3d, (5, 2, 2, 3, 2), 2),   # last chunk of one sample, 12 values
+])
+def test_forward_and_backward_equal_plain_bn_per_chunk(cls, shape, size):
+    torch.manual_seed(0)
+    x = (torch.randn(shape, dtype=torch.float64) * 3 + 2).requires_grad_()
+    bn = cls(shape[1], virtual_batch_size=size, dtype=torch.float64)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-1, 1)
+    w = bn.weight.detach().clone().requires_grad_()
+    b = bn.bias.detach().clone().requires_grad_()
+    xr = x.detach().clone().requires_grad_()
+    y, yr = bn(x), _chunked_torch(xr, w, b, size)
+    torch.testing.assert_close(y, yr, rtol=0, atol=1e-12)
+    g = torch.randn_like(y)
+    y.backward(g)
+    yr.backward(g)
+    torch.testing.assert_close(x.grad, xr.grad, rtol=0, atol=1e-11)
+    torch.testing.assert_close(bn.weight.grad, w.grad, rtol=0, atol=1e-11)
+    torch.testing.assert_close(bn.bias.grad, b.grad, rtol=0, atol=1e-11)
+
+
+def test_running_stats_updated_once_from_mean_of_ghost_statistics():
+    torch.manual_seed(1)
+    x = torch.randn(12, 3, 2, 2, dtype=torch.float64) * 2 + 1
+    bn = bnkit.BatchNorm2d(3, momentum=0.1, virtual_batch_size=4, dtype=torch.float64)
+    bn(x)
+    chunks = x.numpy().reshape(3, 4, 3, 2, 2)
+    ghost_means = chunks.mean(axis=(1, 3, 4))                       # (G, C)
+    ghost_unbiased = np.stack([c.transpose(1, 0, 2, 3).reshape(3, -1).var(axis=1, ddof=1) for c in chunks])
+    np.testing.assert_allclose(bn.running_mean.numpy(), 0.1 * ghost_means.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(bn.running_var.numpy(), 0.9 + 0.1 * ghost_unbiased.mean(0), rtol=1e-12)
+    assert int(bn.num_batches_tracked) == 1
+
+
+def test_running_var_with_uneven_chunks_is_pooled_within_chunk_variance():
+    torch.manual_seed(2)
+    x = torch.randn(7, 2, 3, dtype=torch.float64)
+    bn = bnkit.BatchNorm1d(2, momentum=1.0, virtual_batch_size=3, dtype=torch.float64)
+    bn(x)
+    flat = [c.transpose(0, 1).reshape(2, -1).numpy() for c in x.split(3)]   # 9, 9, 3 values
+    m2 = sum(((c - c.mean(1, keepdims=True)) ** 2).sum(1) for c in flat)
+    np.testing.assert_allclose(bn.running_var.numpy(), m2 / (21 - 3), rtol=1e-12)
+    np.testing.assert_allclose(bn.running_mean.numpy(), x.mean((0, 2)).numpy(), rtol=1e-12)
+
+
+def test_one_chunk_equals_torch_nn_including_running_stats():
+    torch.manual_seed(3)
+    x = torch.randn(8, 4, 3, 3)
+    ours, ref = bnkit.BatchNorm2d(4, virtual_batch_size=8), torch.nn.BatchNorm2d(4)
+    torch.testing.assert_close(ours(x), ref(x))
+    torch.testing.assert_close(ours.running_var, ref.running_var)
+    torch.testing.assert_close(ours.running_mean, ref.running_mean)
+
+
+def test_eval_ignores_virtual_batch_size():
+    torch.manual_seed(4)
+    ours, ref = bnkit.BatchNorm2d(3, virtual_batch_size=2), torch.nn.BatchNorm2d(3)
+    with torch.no_grad():
+        for b in (ours, ref):
+            b.running_mean.fill_(0.5)
+            b.running_var.fill_(2.0)
+    x = torch.randn(5, 3, 2, 2)
+    torch.testing.assert_close(ours.eval()(x), ref.eval()(x))
+
+
+def test_last_chunk_of_one_value_raises_before_buffers_change():
+    bn = bnkit.BatchNorm1d(3, virtual_batch_size=4)
+    with pytest.raises(ValueError, match=r"BatchNorm1d\(3\): virtual_batch_size=4 .* chunks \[4, 1\]"):
+        bn(torch.randn(5, 3))
+    assert int(bn.num_batches_tracked) == 0 and torch.equal(bn.running_var, torch.ones(3))
+
+
+@pytest.mark.parametrize("bad", [0, -2, 2.5, True])
+def test_bad_virtual_batch_size(bad):
+    with pytest.raises(ValueError, match=r"BatchNorm2d\(3\): virtual_batch_size must be a positive int"):
+        bnkit.BatchNorm2d(3, virtual_batch_size=bad)
+
+
+def test_channels_last_kept():
+    x = torch.randn(6, 3, 4, 4).to(memory_format=torch.channels_last)
+    y = bnkit.BatchNorm2d(3, virtual_batch_size=4)(x)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y, _chunked_torch(x, None, None, 4))
