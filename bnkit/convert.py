@@ -52,7 +52,7 @@ _CLASSES = {"torch": {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d, N
             "frozen": {1: FrozenBatchNorm1d, 2: FrozenBatchNorm2d, 3: FrozenBatchNorm3d, None: FrozenBatchNorm}}
 # bnkit attributes that torch layers lack, copied between bnkit layers.
 _EXTRAS = ("momentum_convention", "momentum_schedule", "activation", "negative_slope", "nonfinite",
-           "virtual_batch_size")
+           "virtual_batch_size", "axis", "single_sample", "example_weight", "variance", "memory_efficient")
 
 
 def _dims(m: nn.Module):
@@ -91,9 +91,13 @@ def _check_representable(m: nn.Module, to: str, where: str) -> None:
         lost = []
         if to == "torch":
             lost = [k for k, default in (("activation", "identity"), ("virtual_batch_size", None),
-                                         ("momentum_schedule", None)) if getattr(m, k) != default]
+                                         ("momentum_schedule", None), ("axis", 1), ("variance", "unbiased"),
+                                         ("example_weight", None), ("single_sample", "raise"))
+                    if getattr(m, k) != default]
         elif to == "sync" and m.virtual_batch_size is not None:
             lost = ["virtual_batch_size"]
+        elif to == "frozen":
+            lost = [k for k, default in (("axis", 1), ("example_weight", None)) if getattr(m, k) != default]
         if lost:
             raise ValueError(f"{where}: {', '.join(f'{k}={getattr(m, k)!r}' for k in lost)} has no equivalent in "
                              f"to={to!r} and would change the results; unset it first")

@@ -144,3 +144,12 @@ def test_shared_layer_replaced_everywhere():
     model = nn.Sequential(bn, nn.ReLU(), bn)
     convert(model, "bnkit")
     assert model[0] is model[2] and type(model[0]) is bnkit.BatchNorm1d
+
+
+def test_convert_refuses_options_torch_cannot_represent_and_keeps_them_between_bnkit_layers():
+    model = torch.nn.Sequential(bnkit.BatchNorm1d(3, axis=-1, variance="biased"))
+    with pytest.raises(ValueError, match=r"axis=-1, variance='biased' has no equivalent in to='torch'"):
+        bnkit.convert(model, to="torch")
+    bnkit.convert(model, to="sync")
+    assert isinstance(model[0], bnkit.SyncBatchNorm)
+    assert model[0].axis == -1 and model[0].variance == "biased"
