@@ -30,7 +30,9 @@ from typing import Mapping, NamedTuple
 
 import torch
 
-from .ops import check_activation, normalize, normalize_running
+import torch.nn.functional as F
+
+from .ops import apply_activation, check_activation, normalize, normalize_running
 from .stats import (accumulation_dtype, batch_moments, ema, example_weighted_moments, masked_moments,
                     unbiased_factor)
 from .validation import SINGLE_VALUE_FIXES, check_batch_size, check_input
@@ -57,6 +59,51 @@ def _is_compiling() -> bool:
     return torch.compiler.is_compiling()
 
 
+def report_nonfinite(name: str, bad_channels: torch.Tensor, nonfinite: str) -> None:
+    """Warn (``"skip"``) or raise (``"raise"``) about a batch whose statistics are NaN/Inf where
+    ``bad_channels`` is True. Called once the running statistics are known to be unchanged."""
+    bad = bad_channels.nonzero().flatten().tolist()
+    msg = f"{name}: batch statistics are NaN/Inf in channel(s) {bad[:10]}{' ...' if len(bad) > 10 else ''}; "
+    if nonfinite == "raise":
+        raise FloatingPointError(msg + "the running statistics were left unchanged (nonfinite='raise').")
+    warnings.warn(msg + "this batch was skipped: running statistics and num_batches_tracked are unchanged "
+                  "(nonfinite='skip'). Check the input and the learning rate.", RuntimeWarning, stacklevel=6)
+
+
+def native_train_forward(name: str, x: torch.Tensor, weight, bias, running_mean, running_var, num_batches_tracked,
+                         momentum, eps: float, nonfinite: str = "skip", activation: str = "identity",
+                         negative_slope: float = 0.01) -> torch.Tensor:
+    """Training forward through torch's own fused kernel (ATen ``batch_norm``), in place like torch.nn.
+
+    The plain case in eager mode takes this path: it is torch.nn's computation (the same numbers and
+    speed, one fused backward). Running statistics are updated by the kernel; for ``nonfinite`` other
+    than ``"propagate"`` the C-element buffers are saved first and restored (with the count) when the
+    batch made them non-finite, before the warning or error. ``momentum=None``: cumulative average.
+    """
+    if running_mean is None or running_var is None:
+        y = F.batch_norm(x, None, None, weight, bias, training=True, momentum=0.0, eps=eps)
+        return apply_activation(y, activation, negative_slope)
+    saved = None if nonfinite == "propagate" else (running_mean.clone(), running_var.clone())
+    if num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
+    if momentum is None:
+        if num_batches_tracked is None:
+            raise ValueError(f"{name}: momentum=None (cumulative average) needs num_batches_tracked")
+        momentum = 1.0 / float(num_batches_tracked)
+    y = F.batch_norm(x, running_mean, running_var, weight, bias, training=True, momentum=float(momentum), eps=eps)
+    if saved is not None:
+        bad = (torch.isfinite(saved[0]) & ~torch.isfinite(running_mean)) | \
+              (torch.isfinite(saved[1]) & ~torch.isfinite(running_var))
+        if bool(bad.any()):
+            with torch.no_grad():
+                running_mean.copy_(saved[0])
+                running_var.copy_(saved[1])
+                if num_batches_tracked is not None:
+                    num_batches_tracked.sub_(1)
+            report_nonfinite(name, bad, nonfinite)
+    return apply_activation(y, activation, negative_slope)
+
+
 class RunningStats(NamedTuple):
     """New running statistics (``None`` where the layer has no such buffer)."""
 
@@ -78,13 +125,7 @@ def running_update(name: str, mean: torch.Tensor, var: torch.Tensor, n, running_
     if nonfinite != "propagate":
         keep = torch.isfinite(mean).all() & torch.isfinite(var).all()
         if warn and not _is_compiling() and not bool(keep):
-            bad = (~(torch.isfinite(mean) & torch.isfinite(var))).nonzero().flatten().tolist()
-            msg = (f"{name}: batch statistics are NaN/Inf in channel(s) {bad[:10]}"
-                   f"{' ...' if len(bad) > 10 else ''}; ")
-            if nonfinite == "raise":
-                raise FloatingPointError(msg + "the running statistics were left unchanged (nonfinite='raise').")
-            warnings.warn(msg + "this batch was skipped: running statistics and num_batches_tracked are unchanged "
-                          "(nonfinite='skip'). Check the input and the learning rate.", RuntimeWarning, stacklevel=5)
+            report_nonfinite(name, ~(torch.isfinite(mean) & torch.isfinite(var)), nonfinite)
     count = None
     if num_batches_tracked is not None:
         count = num_batches_tracked + (1 if keep is None else keep.to(num_batches_tracked.dtype))

@@ -141,3 +141,25 @@ def test_bnkit_module_has_torch_parameters_and_buffers():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert repr(ours) == repr(theirs)
+
+
+@pytest.mark.parametrize("ours_cls,theirs_cls,shape", CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "noncontiguous"])
+def test_shared_torch_op_core_matches_torch(ours_cls, theirs_cls, shape, dtype, layout):
+    # Layers take torch's ATen kernel in the plain eager case; the shared torch-op core (functional form,
+    # torch.compile, masks, stateless) must give the same numbers and gradients.
+    tol = TOL[dtype]
+    x = _layout(torch.randn(shape, dtype=dtype) * 3 + 2, layout)
+    w = torch.linspace(0.5, 1.5, 3, dtype=dtype, requires_grad=True)
+    b = torch.linspace(-0.2, 0.3, 3, dtype=dtype, requires_grad=True)
+    outs = []
+    for fn in (bnkit.functional.batch_norm, torch.nn.functional.batch_norm):
+        xa = x.detach().clone().requires_grad_(True)
+        rm, rv = torch.zeros(3, dtype=dtype), torch.ones(3, dtype=dtype)
+        y = fn(xa, rm, rv, w, b, training=True, momentum=0.3)
+        dy = torch.linspace(-1, 1, y.numel(), dtype=dtype).reshape(y.shape)
+        grads = torch.autograd.grad(y, (xa, w, b), dy)
+        outs.append((y, rm, rv) + grads)
+    for a, b_ in zip(*outs):
+        torch.testing.assert_close(a, b_, rtol=tol["rtol"], atol=tol["atol"] * 100)

@@ -15,7 +15,7 @@ from torch.nn.modules.batchnorm import _BatchNorm as _TorchBatchNorm
 
 from ..functional import (SINGLE_SAMPLE_POLICIES, VARIANCE_KINDS, _channel_first, _check_choice, _check_mask,
                           _write_back, batch_statistics_update, check_nonfinite_policy, forward_core,
-                          mask_from_lengths)
+                          mask_from_lengths, native_train_forward)
 from ..ops import check_activation, check_memory_efficient, is_exporting, normalize
 from ..ops.backend import kernels_for
 from ..stats import accumulation_dtype, batch_moments, ghost_statistics
@@ -186,28 +186,40 @@ class BatchNormBase(_TorchBatchNorm):
                                f"has not seen a training batch; pass example_weight=<alpha> instead")
         return 1.0 / self.last_train_batch_size
 
-    def _fused_forward(self, x: torch.Tensor, mask):
-        """The Triton kernels' result when this call is the case they implement (see bnkit.set_backend),
-        else None: masks, accumulation, example weighing, a biased variance, a batch of one and export
-        take the torch path. Semantics (checks, non-finite policy, momentum, counts) are the same."""
-        if mask is not None or self.stats_sink is not None or self.variance != "unbiased" or is_exporting():
+    def _kernel_forward(self, x: torch.Tensor, mask):
+        """The plain case through a fused kernel, else None (the shared torch-op core runs).
+
+        Plain: no mask, no accumulation, no example weighing, unbiased running variance, at least two
+        values per channel, no custom batch statistics (ghost, renorm, sync), not exporting. Then CUDA
+        tensors take the Triton kernels (see ``bnkit.set_backend``) and, in eager mode, everything else
+        takes torch's own ATen kernel in training. Semantics (checks, non-finite policy, momentum,
+        counts) are the same on every path; eval always uses torch's ``batch_norm(training=False)``.
+        """
+        if mask is not None or self.stats_sink is not None or self.variance != "unbiased" or is_exporting() \
+                or self._custom_batch_statistics():
             return None
+        use_batch = self._uses_batch_stats()
+        if not use_batch and self._example_weight() is not None:
+            return None
+        if use_batch and x.numel() // max(x.shape[1], 1) < 2:
+            return None
+        update = use_batch and self._updates_running_stats()
         fused = kernels_for(x)
-        if fused is None:
+        if fused is not None:
+            if not use_batch:
+                return fused.eval_forward(x, self.running_mean, self.running_var, self.weight, self.bias, self.eps,
+                                          self.activation, self.negative_slope)
+            return fused.train_forward(self.layer_name, x, x.numel() // x.shape[1], self.weight, self.bias,
+                                       self.running_mean, self.running_var, self.num_batches_tracked,
+                                       self._update_momentum() if update else None, update, self.nonfinite,
+                                       self.eps, self.activation, self.negative_slope, self.memory_efficient)
+        if not use_batch or torch.compiler.is_compiling() or self.eps <= 0:  # ATen refuses eps=0 in training
             return None
-        if not self._uses_batch_stats():
-            if self._example_weight() is not None:
-                return None
-            return fused.eval_forward(x, self.running_mean, self.running_var, self.weight, self.bias, self.eps,
-                                      self.activation, self.negative_slope)
-        n = x.numel() // x.shape[1]
-        if n < 2:
-            return None
-        update = self._updates_running_stats()
-        return fused.train_forward(self.layer_name, x, n, self.weight, self.bias, self.running_mean,
-                                   self.running_var, self.num_batches_tracked,
-                                   self._update_momentum() if update else None, update, self.nonfinite,
-                                   self.eps, self.activation, self.negative_slope, self.memory_efficient)
+        return native_train_forward(self.layer_name, x, self.weight, self.bias,
+                                    self.running_mean if update else None, self.running_var if update else None,
+                                    self.num_batches_tracked if update else None,
+                                    self._update_momentum() if update else None, self.eps, self.nonfinite,
+                                    self.activation, self.negative_slope)
 
     def forward(self, input: torch.Tensor, mask: torch.Tensor | None = None,
                 lengths: torch.Tensor | None = None) -> torch.Tensor:
@@ -223,7 +235,7 @@ class BatchNormBase(_TorchBatchNorm):
             mask = _check_mask(self.layer_name, x, mask)
         if self.training:
             self.last_train_batch_size = x.shape[0]
-        y = self._fused_forward(x, mask)
+        y = self._kernel_forward(x, mask)
         if y is not None:
             return y if self.axis % y.dim() == 1 else y.movedim(1, self.axis)
         if self._custom_batch_statistics() and self._uses_batch_stats():
