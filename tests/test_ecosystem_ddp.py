@@ -3,8 +3,8 @@
 Two local processes (gloo, spawn, a free port) each train a bnkit model and an identical torch.nn
 model, DDP-wrapped with the default ``broadcast_buffers=True``: at each forward rank 0's running
 statistics are broadcast, then each rank updates them with its own batch. Parameters, gradients
-and buffers of the two models must agree on every rank. (SyncBatchNorm under DDP is tested with
-the small-batch family.)
+and buffers of the two models must agree on every rank. A bnkit.SyncBatchNorm model under DDP must
+train exactly as one process on the concatenated batch.
 """
 import socket
 
@@ -68,3 +68,39 @@ def test_ddp_trains_like_torch_nn(tmp_path):
     # updated rank 0's broadcast values with its own last batch), exactly as with torch.nn.
     torch.testing.assert_close(ranks[0]["bnkit"]["1.weight"], ranks[1]["bnkit"]["1.weight"])
     assert not torch.allclose(ranks[0]["bnkit"]["1.running_mean"], ranks[1]["bnkit"]["1.running_mean"])
+
+
+def _sync_worker(rank, world, port, out_dir):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        model = tnn.parallel.DistributedDataParallel(bnkit.convert(_model(bnkit.BatchNorm2d, bnkit.BatchNorm1d),
+                                                                   to="sync"))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        for step in range(STEPS):
+            x = _sync_batch(step)[rank * 5:(rank + 1) * 5]
+            opt.zero_grad()
+            model(x).square().mean().backward()
+            opt.step()
+        torch.save({k: v.detach().clone() for k, v in model.module.state_dict().items()}, f"{out_dir}/sync{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _sync_batch(step):
+    return torch.randn(10, 2, 6, 6, generator=torch.Generator().manual_seed(step)) * 2 + 1
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo")
+def test_sync_batch_norm_under_ddp_equals_one_process_on_the_whole_batch(tmp_path):
+    mp.spawn(_sync_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    reference = _model(tnn.BatchNorm2d, tnn.BatchNorm1d)
+    opt = torch.optim.SGD(reference.parameters(), lr=0.1)
+    for step in range(STEPS):  # equal shards: DDP's mean of per-rank mean losses is the mean over the batch
+        opt.zero_grad()
+        reference(_sync_batch(step)).square().mean().backward()
+        opt.step()
+    for rank in range(2):
+        got = torch.load(tmp_path / f"sync{rank}.pt")
+        for key, value in reference.state_dict().items():
+            torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-6, msg=lambda m, k=key: f"rank {rank} {k}: {m}")
