@@ -2,7 +2,7 @@
 from . import functional, reference, stats
 from .accumulate import accumulate
 from .calibrate import CalibrationReport, calibrate
-from .freeze import batch_norm_layers, freeze_stats, frozen_stats, unfreeze_stats
+from .freezing import batch_norm_layers, freeze_stats, frozen_stats, unfreeze_stats
 from .nn import BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormBase
 from .nn import LazyBatchNorm1d, LazyBatchNorm2d, LazyBatchNorm3d
 from .keras import from_keras, to_keras
@@ -13,9 +13,7 @@ from .fold import fold
 from .nn import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d, BatchRenormBase, renorm_warmup
 from .nn import FrozenBatchNorm, FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d, SyncBatchNorm
 from .nn import DomainBatchNorm, DomainBatchNorm1d, DomainBatchNorm2d, DomainBatchNorm3d, use_domain
-# The functions bnkit.convert and bnkit.freeze take the names of their modules on purpose (the
-# public API); the modules stay importable as bnkit.convert / bnkit.freeze via ``from ... import``.
-from .convert import convert, convert_sync_batchnorm, freeze
+from .conversion import convert, convert_sync_batchnorm, freeze
 
 __version__ = "0.1.0"
 

@@ -21,7 +21,7 @@ import contextlib
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .freeze import batch_norm_layers
+from .freezing import batch_norm_layers
 from .functional import batch_statistics_update
 from .nn.batchnorm import BatchNormBase
 from .stats import Moments, batch_moments

@@ -66,7 +66,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
-from .freeze import batch_norm_layers, frozen_stats
+from .freezing import batch_norm_layers, frozen_stats
 from .functional import _channel_first, _check_mask, mask_from_lengths
 from .stats import Moments
 

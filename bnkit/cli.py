@@ -159,7 +159,7 @@ def _accuracy_without_eval(model, x, y, batch_size: int) -> float:
     import torch
 
     from .digits import batches
-    from .freeze import frozen_stats
+    from .freezing import frozen_stats
 
     model.train()
     correct = total = 0

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .freeze import batch_norm_layers, frozen_stats
+from .freezing import batch_norm_layers, frozen_stats
 from .functional import batch_norm
 from .stats.momentum import KERAS_LOOKALIKE_THRESHOLD, convert
 

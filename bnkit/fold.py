@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .freeze import batch_norm_layers
+from .freezing import batch_norm_layers
 
 __all__ = ["fold", "FoldReport", "FoldedPair", "NotFolded"]
 

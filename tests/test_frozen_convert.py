@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 import bnkit
-from bnkit.convert import convert
+from bnkit.conversion import convert
 
 
 def _trained_bn(cls, c, shape, **kw):

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .freeze import _set_mode, stats_frozen_mode
+from .freezing import _set_mode, stats_frozen_mode
 from .nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormBase
 from .nn.frozen import FrozenBatchNorm, FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d
 from .nn.renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d, BatchRenormBase
