@@ -29,7 +29,6 @@ import warnings
 from typing import Mapping, NamedTuple
 
 import torch
-
 import torch.nn.functional as F
 
 from .ops import apply_activation, check_activation, normalize, normalize_running
@@ -157,8 +156,17 @@ def batch_statistics_update(name: str, mean: torch.Tensor, var: torch.Tensor, n,
     _write_back(new, running_mean, running_var, num_batches_tracked)
 
 
-def _channel_first(x: torch.Tensor, axis: int) -> torch.Tensor:
-    return x if axis % x.dim() == 1 else x.movedim(axis, 1)
+def _channel_first(x, axis: int):
+    """``x`` with its channel axis moved to dimension 1. Anything that is not a tensor of at least two
+    dimensions is returned as it is, for the input checks to reject with a clear message."""
+    if not isinstance(x, torch.Tensor) or x.dim() < 2 or axis % x.dim() == 1:
+        return x
+    return x.movedim(axis, 1)
+
+
+def _channel_back(y: torch.Tensor, axis: int) -> torch.Tensor:
+    """Undo :func:`_channel_first` on an output."""
+    return y if axis % y.dim() == 1 else y.movedim(1, axis)
 
 
 def mask_from_lengths(name: str, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -252,7 +260,7 @@ def batch_norm(input: torch.Tensor, running_mean: torch.Tensor | None, running_v
     check_nonfinite_policy(name, nonfinite)
     _check_choice(name, "single_sample", single_sample, SINGLE_SAMPLE_POLICIES)
     _check_choice(name, "variance", variance, VARIANCE_KINDS)
-    x = _channel_first(input, axis) if isinstance(input, torch.Tensor) and input.dim() >= 2 else input
+    x = _channel_first(input, axis)
     check_input(name, x, None, {"weight": weight, "bias": bias, "running_mean": running_mean,
                                 "running_var": running_var})
     if mask is not None:
@@ -265,7 +273,7 @@ def batch_norm(input: torch.Tensor, running_mean: torch.Tensor | None, running_v
                           variance=variance, mask=mask, single_sample=single_sample, example_weight=example_weight)
     if new is not None:
         _write_back(new, running_mean, running_var, num_batches_tracked)
-    return y if axis % input.dim() == 1 else y.movedim(1, axis)
+    return _channel_back(y, axis)
 
 
 def batch_norm_stateless(x: torch.Tensor, params: Mapping[str, torch.Tensor | None] | None,
@@ -300,8 +308,7 @@ def batch_norm_stateless(x: torch.Tensor, params: Mapping[str, torch.Tensor | No
                           use_batch_stats=use_batch, update=training and (rm is not None or rv is not None),
                           momentum=momentum, eps=eps, activation=activation, negative_slope=negative_slope,
                           variance=variance, mask=mask, warn=False)
-    if axis % x.dim() != 1:
-        y = y.movedim(1, axis)
+    y = _channel_back(y, axis)
     if new is None:
         return y, stats
     out = dict(stats)

@@ -237,3 +237,8 @@ def test_biased_variance_option_stores_biased_variance():
     x = torch.randn(5, 2)
     bn(x)
     torch.testing.assert_close(bn.running_var, x.var(0, unbiased=False))
+
+
+def test_stateless_bad_input_gets_the_clear_error():
+    with pytest.raises(ValueError, match=r"batch_norm_stateless: expected an input of shape \(N, C, \*\)"):
+        batch_norm_stateless(torch.randn(3), None, None)

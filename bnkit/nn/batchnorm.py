@@ -13,8 +13,8 @@ import warnings
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm as _TorchBatchNorm
 
-from ..functional import (SINGLE_SAMPLE_POLICIES, VARIANCE_KINDS, _channel_first, _check_choice, _check_mask,
-                          _write_back, batch_statistics_update, check_nonfinite_policy, forward_core,
+from ..functional import (SINGLE_SAMPLE_POLICIES, VARIANCE_KINDS, _channel_back, _channel_first, _check_choice,
+                          _check_mask, _write_back, batch_statistics_update, check_nonfinite_policy, forward_core,
                           mask_from_lengths, native_train_forward)
 from ..ops import check_activation, check_memory_efficient, is_exporting, normalize
 from ..ops.backend import kernels_for
@@ -225,7 +225,7 @@ class BatchNormBase(_TorchBatchNorm):
                 lengths: torch.Tensor | None = None) -> torch.Tensor:
         if isinstance(input, torch.Tensor):
             self._check_input_dim(input)
-        x = _channel_first(input, self.axis) if isinstance(input, torch.Tensor) and input.dim() >= 2 else input
+        x = _channel_first(input, self.axis)
         self._check(x)
         if lengths is not None:
             if mask is not None:
@@ -237,14 +237,14 @@ class BatchNormBase(_TorchBatchNorm):
             self.last_train_batch_size = x.shape[0]
         y = self._kernel_forward(x, mask)
         if y is not None:
-            return y if self.axis % y.dim() == 1 else y.movedim(1, self.axis)
+            return _channel_back(y, self.axis)
         if self._custom_batch_statistics() and self._uses_batch_stats():
             if mask is not None:
                 raise ValueError(f"{self.layer_name}: mask=/lengths= are not supported together with "
                                  f"{'virtual_batch_size' if self.virtual_batch_size else type(self).__name__}")
             mean, var = self._batch_statistics(x)
             y = normalize(x, mean, var, self.weight, self.bias, self.eps, self.activation, self.negative_slope)
-            return y if self.axis % y.dim() == 1 else y.movedim(1, self.axis)
+            return _channel_back(y, self.axis)
         update = self._updates_running_stats()
         y, new = forward_core(
             self.layer_name, x, self.weight, self.bias, self.running_mean, self.running_var, self.num_batches_tracked,
@@ -255,7 +255,7 @@ class BatchNormBase(_TorchBatchNorm):
             example_weight=self._example_weight(), stats_sink=self.stats_sink if update else None)
         if new is not None:
             _write_back(new, self.running_mean, self.running_var, self.num_batches_tracked)
-        return y if self.axis % y.dim() == 1 else y.movedim(1, self.axis)
+        return _channel_back(y, self.axis)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
