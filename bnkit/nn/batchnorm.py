@@ -22,6 +22,7 @@ from ..stats import accumulation_dtype, batch_moments, ghost_statistics
 from ..validation import check_batch_size
 from ..stats import momentum as momentum_lib
 from ..validation import check_input
+from .tracing import traced_call
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormBase", "STATS_FROZEN_MODES"]
 
@@ -223,6 +224,8 @@ class BatchNormBase(_TorchBatchNorm):
 
     def forward(self, input: torch.Tensor, mask: torch.Tensor | None = None,
                 lengths: torch.Tensor | None = None) -> torch.Tensor:
+        if (traced := traced_call(self, input, mask=mask, lengths=lengths)) is not None:  # torch.fx: a leaf module
+            return traced
         if isinstance(input, torch.Tensor):
             self._check_input_dim(input)
         x = _channel_first(input, self.axis)

@@ -19,6 +19,7 @@ from torch import nn
 from ..ops import apply_activation, check_activation
 from ..stats import accumulation_dtype
 from ..validation import check_input
+from .tracing import traced_call
 
 __all__ = ["FrozenBatchNorm", "FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d"]
 
@@ -72,6 +73,8 @@ class FrozenBatchNorm(nn.Module):
         return scale, self.bias.to(dtype) - self.running_mean.to(dtype) * scale
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if (traced := traced_call(self, input)) is not None:  # torch.fx: a leaf module
+            return traced
         if isinstance(input, torch.Tensor) and self._expected_dims and input.dim() not in self._expected_dims:
             want = " or ".join(f"{d}-D" for d in self._expected_dims)
             raise ValueError(f"{self.layer_name}: expected {want} input {self._dims_doc}, got {input.dim()}-D "
