@@ -24,18 +24,33 @@ layers are not carried over. Layers already of the target kind are left as they 
 
 Refused with a ValueError naming the layer, before anything is swapped: a conversion that would
 change the numbers (a bnkit ``activation``, ``virtual_batch_size`` or ``momentum_schedule`` to
-torch; ``virtual_batch_size`` to sync; freezing a layer without running statistics) and
-``BatchRenorm`` to "torch"/"sync" (no equivalent). ``DomainBatchNorm`` is a container of plain
-layers, so its per-domain layers are converted like any others.
+torch; ``virtual_batch_size`` to sync; freezing a layer without running statistics), a bnkit
+``nonfinite="raise"`` to torch (torch.nn layers have no such check: set ``layer.nonfinite =
+"propagate"`` first to accept that; bnkit's default ``"skip"`` becomes torch's behaviour, where a
+batch with NaN/Inf statistics enters the running statistics), ``BatchRenorm`` to "torch"/"sync"
+(no equivalent), and a lazy layer not yet initialized (its ``num_features`` comes from the first
+input). ``DomainBatchNorm`` is a container of plain layers, so its per-domain layers are
+converted like any others.
+
+Subclasses of these classes are converted only when the new layer computes what they compute: a
+subclass that keeps its base's computation (``forward``, and bnkit's ``_batch_statistics``) and
+holds no submodules, and timm's ``BatchNormAct2d``/``SyncBatchNormAct`` (batch norm, then ``drop``,
+then ``act``) whose ``drop`` is ``Identity`` and whose ``act`` is ``Identity``, ``ReLU``,
+``LeakyReLU`` or ``SiLU``: the activation becomes the bnkit layer's fused ``activation=``. Any other
+subclass (its own forward, other submodules) is left as it is, with a UserWarning naming it.
 """
 from __future__ import annotations
+
+import warnings
 
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.lazy import LazyModuleMixin
 
 from .freezing import _set_mode, stats_frozen_mode
 from .nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormBase
+from .nn.lazy import LazyBatchNorm1d, LazyBatchNorm2d, LazyBatchNorm3d
 from .nn.frozen import FrozenBatchNorm, FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d
 from .nn.renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d, BatchRenormBase
 from .nn.sync import SyncBatchNorm
@@ -53,6 +68,41 @@ _CLASSES = {"torch": {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d, N
 # bnkit attributes that torch layers lack, copied between bnkit layers.
 _EXTRAS = ("momentum_convention", "momentum_schedule", "activation", "negative_slope", "nonfinite",
            "virtual_batch_size", "axis", "single_sample", "example_weight", "variance", "memory_efficient")
+
+
+# The classes whose computation convert knows; a subclass is checked against the nearest of them.
+_KNOWN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.LazyBatchNorm1d,
+          nn.LazyBatchNorm2d, nn.LazyBatchNorm3d, BatchNorm1d, BatchNorm2d, BatchNorm3d, SyncBatchNorm,
+          LazyBatchNorm1d, LazyBatchNorm2d, LazyBatchNorm3d, BatchRenorm1d, BatchRenorm2d, BatchRenorm3d,
+          FrozenBatchNorm, FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d, _BatchNorm)
+# The methods that make up a layer's computation (bnkit's variants differ in _batch_statistics).
+_COMPUTATION = ("forward", "_batch_statistics")
+# timm's norm + activation layers (torch.nn subclasses): torch's batch norm, then self.drop, then self.act.
+# Only their structure is checked (timm need not be installed); their forward is timm's own.
+_NORM_ACT = ("BatchNormAct2d", "SyncBatchNormAct")
+_FUSABLE = {nn.Identity: "identity", nn.ReLU: "relu", nn.LeakyReLU: "leaky_relu", nn.SiLU: "silu"}
+
+
+def _added_activation(m: nn.Module):
+    """What ``m`` computes after its known base class: ``(activation, negative_slope)`` for a subclass
+    that adds one (timm's norm-act layers), ``None`` for nothing, or a string saying why it is unknown."""
+    if type(m) in _KNOWN:
+        return None
+    base = next(c for c in type(m).__mro__ if c in _KNOWN)
+    children = dict(m.named_children())
+    if type(m).__name__ in _NORM_ACT and not issubclass(base, (BatchNormBase, FrozenBatchNorm)) \
+            and set(children) <= {"act", "drop"}:
+        act, drop = children.get("act", nn.Identity()), children.get("drop", nn.Identity())
+        if type(drop) is not nn.Identity or type(act) not in _FUSABLE:
+            return (f"its drop={type(drop).__name__} / act={type(act).__name__} are not batch norm plus one of "
+                    f"bnkit's fused activations ({', '.join(_FUSABLE.values())})")
+        return _FUSABLE[type(act)], getattr(act, "negative_slope", 0.01)
+    if children:
+        return f"it holds submodules ({', '.join(children)}) that the new layer would not run"
+    changed = [k for k in _COMPUTATION if getattr(type(m), k, None) is not getattr(base, k, None)]
+    if changed:
+        return f"it overrides {', '.join(changed)} of {base.__module__}.{base.__name__}"
+    return None
 
 
 def _dims(m: nn.Module):
@@ -94,6 +144,7 @@ def _check_representable(m: nn.Module, to: str, where: str) -> None:
                                          ("momentum_schedule", None), ("axis", 1), ("variance", "unbiased"),
                                          ("example_weight", None), ("single_sample", "raise"))
                     if getattr(m, k) != default]
+            lost += ["nonfinite"] if m.nonfinite == "raise" else []
         elif to == "sync" and m.virtual_batch_size is not None:
             lost = ["virtual_batch_size"]
         elif to == "frozen":
@@ -117,8 +168,10 @@ def _from_frozen(m: FrozenBatchNorm, cls) -> nn.Module:
     return new
 
 
-def _to_frozen(m: _BatchNorm, cls) -> FrozenBatchNorm:
+def _to_frozen(m: _BatchNorm, cls, activation) -> FrozenBatchNorm:
     extra = {"activation": m.activation, "negative_slope": m.negative_slope} if isinstance(m, BatchNormBase) else {}
+    if activation is not None:
+        extra = dict(zip(("activation", "negative_slope"), activation))
     new = cls(m.num_features, m.eps, device=m.running_mean.device, dtype=m.running_mean.dtype, **extra)
     with torch.no_grad():
         new.running_mean.copy_(m.running_mean)
@@ -130,7 +183,7 @@ def _to_frozen(m: _BatchNorm, cls) -> FrozenBatchNorm:
     return new
 
 
-def _swap_batch_norm(m: _BatchNorm, cls, process_group) -> nn.Module:
+def _swap_batch_norm(m: _BatchNorm, cls, process_group, activation) -> nn.Module:
     kwargs = {"process_group": process_group if process_group is not None else getattr(m, "process_group", None)} \
         if cls in (SyncBatchNorm, nn.SyncBatchNorm) else {}
     # Built on the meta device: every tensor below is replaced by the old layer's own.
@@ -146,26 +199,36 @@ def _swap_batch_norm(m: _BatchNorm, cls, process_group) -> nn.Module:
             setattr(new, key, getattr(m, key))
     elif isinstance(new, BatchNormBase):
         new.momentum_convention = "cumulative" if m.momentum is None else "momentum"
+        if activation is not None:
+            new.activation, new.negative_slope = activation
     mode = stats_frozen_mode(m)
     if mode is not None:
         _set_mode(new, mode)
     return new
 
 
-def _replacement(m: nn.Module, to: str, process_group, where: str):
+def _replacement(m: nn.Module, to: str, process_group, where: str, left_alone: list):
     kind = _kind(m)
     if kind is None:
         return None
+    if isinstance(m, LazyModuleMixin) and m.has_uninitialized_params() and not kind.startswith(to):
+        raise ValueError(f"{where}: is not initialized yet (a lazy layer reads num_features from its first "
+                         f"input); run one forward pass or load a state_dict before converting it")
     cls = _target_class(m, kind, to, where)
     if cls is None:
+        return None
+    activation = _added_activation(m)
+    if isinstance(activation, str):
+        left_alone.append(f"{where}: left as it is, because {activation}; a {cls.__name__} would not compute "
+                          f"the same")
         return None
     _check_representable(m, to, where)
     if kind == "frozen":
         new = _from_frozen(m, cls)
     elif to == "frozen":
-        new = _to_frozen(m, cls)
+        new = _to_frozen(m, cls, activation)
     else:
-        new = _swap_batch_norm(m, cls, process_group)
+        new = _swap_batch_norm(m, cls, process_group, activation)
     return new.train(m.training)
 
 
@@ -186,12 +249,15 @@ def convert(model: nn.Module, to: str = "bnkit", *, process_group=None) -> nn.Mo
         raise ValueError(f"convert: to must be one of {TARGETS}, got {to!r}")
     if process_group is not None and to != "sync":
         raise ValueError(f"convert: process_group is only used with to='sync', got to={to!r}")
-    replacements = {}
+    replacements, left_alone = {}, []
     for name, m in model.named_modules():
         new = _replacement(m, to, process_group, f"convert(to={to!r}): {name or 'the model'} "
-                                                 f"({type(m).__name__}({getattr(m, 'num_features', '?')}))")
+                                                 f"({type(m).__name__}({getattr(m, 'num_features', '?')}))",
+                           left_alone)
         if new is not None:
             replacements[id(m)] = new
+    for message in left_alone:
+        warnings.warn(message, UserWarning, stacklevel=2)
     # Every replacement is built before the first swap, so a refusal leaves the model untouched.
     if id(model) in replacements:
         return replacements[id(model)]

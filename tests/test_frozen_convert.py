@@ -111,9 +111,12 @@ def test_sync_conversion_keeps_parameters_buffers_extras_and_frozen_stats():
     assert model[0].activation == "relu" and model[0].nonfinite == "raise" and model[0].stats_frozen == "batch"
     assert model[0].momentum_convention == "decay" and abs(model[0].momentum - 0.1) < 1e-12
     assert model[1].momentum == 0.3 and not model[1].training and model[0].training
-    with pytest.raises(ValueError, match="activation='relu' has no equivalent"):
+    with pytest.raises(ValueError, match="activation='relu', nonfinite='raise' has no equivalent"):
         convert(model, "torch")
     model[0].activation = "identity"
+    with pytest.raises(ValueError, match="nonfinite='raise' has no equivalent"):  # torch.nn has no such check
+        convert(model, "torch")
+    model[0].nonfinite = "propagate"
     convert(model, "torch")
     assert type(model[0]) is nn.SyncBatchNorm and model[0].weight is params[0]
     torch_bn = nn.Sequential(nn.BatchNorm2d(2))
