@@ -88,7 +88,7 @@ def _load_model(path: str):
     if isinstance(model, dict):
         what = "state_dict" if all(isinstance(v, torch.Tensor) for v in model.values()) else "dict"
         raise CLIError(f"{path} holds a {what}, not a model; save the whole model with torch.save(model, path) "
-                       f"or torch.jit.save(torch.jit.script(model), path)")
+                       f"or torch.jit.save(torch.jit.script(bnkit.convert(model, 'torch')), path)")
     if not isinstance(model, torch.nn.Module):
         raise CLIError(f"{path} holds a {type(model).__name__}, not a torch.nn.Module")
     return model

@@ -272,7 +272,10 @@ def convert_sync_batchnorm(model: nn.Module, process_group=None) -> nn.Module:
     """``convert(model, "sync", process_group=...)``: every batch norm becomes :class:`bnkit.SyncBatchNorm`.
 
     Like ``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` (shares the Parameter objects) but for
-    torch.nn and bnkit layers, keeping buffers, requires_grad and the training flag.
+    torch.nn and bnkit layers, keeping buffers, requires_grad, the training flag and bnkit's options.
+    Use this (or ``bnkit.SyncBatchNorm.convert_sync_batchnorm``) on models with bnkit layers: torch's
+    classmethod turns every batch norm, bnkit's too, into a ``torch.nn.SyncBatchNorm`` and drops
+    bnkit's options (activation, non-finite policy, momentum schedule, ...) without a word.
     """
     return convert(model, "sync", process_group=process_group)
 

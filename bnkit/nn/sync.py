@@ -149,6 +149,16 @@ class SyncBatchNorm(BatchNormBase):
         self._update_running(g_mean, g_var, n_all)
         return g_mean, g_var
 
+    @classmethod
+    def convert_sync_batchnorm(cls, module: torch.nn.Module, process_group=None) -> torch.nn.Module:
+        """:func:`bnkit.convert_sync_batchnorm`: every batch norm of ``module`` becomes a bnkit.SyncBatchNorm.
+
+        ``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` builds ``torch.nn.SyncBatchNorm`` layers
+        whatever it is given, so bnkit layers passed through it lose their options.
+        """
+        from ..conversion import convert_sync_batchnorm  # conversion imports this module
+        return convert_sync_batchnorm(module, process_group)
+
     def extra_repr(self) -> str:
         s = super().extra_repr()
         return s if self.process_group is None else s + f", process_group={self.process_group!r}"
