@@ -87,3 +87,13 @@ def test_torch_convert_sync_batchnorm_drops_bnkit_options_and_bnkits_keeps_them(
         assert type(synced[1]) is bnkit.SyncBatchNorm
         assert (synced[1].activation, synced[1].nonfinite) == ("relu", "raise")
         assert torch.equal(synced(x), expected)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch 2.13 deprecates TorchScript
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")  # the input checks compare traced shapes
+def test_jit_trace_of_an_eval_model_needs_no_conversion():
+    model = _trained().eval()
+    traced = torch.jit.trace(model, torch.randn(2, 3, 6, 6))
+    assert "aten::batch_norm" in str(traced.bn1.graph)
+    x = torch.randn(4, 3, 6, 6)
+    assert torch.equal(traced(x), model(x))
