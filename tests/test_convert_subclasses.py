@@ -192,3 +192,26 @@ def test_timm_norm_act_with_other_activation_is_left_alone():
     with pytest.warns(UserWarning, match=r"0 \(BatchNormAct2d\(3\)\): left as it is"):
         bnkit.convert(model, "bnkit")
     assert type(model[0]) is TimmBatchNormAct2d
+
+
+class SyncBatchNormAct(nn.SyncBatchNorm):
+    """timm 1.0's ``SyncBatchNormAct``: torch's SyncBatchNorm, then ``drop`` and ``act`` where present."""
+
+    def forward(self, x):
+        x = super().forward(x)
+        if hasattr(self, "drop"):
+            x = self.drop(x)
+        if hasattr(self, "act"):
+            x = self.act(x)
+        return x
+
+
+def test_sync_norm_act_becomes_bnkit_sync_with_its_activation():
+    norm = SyncBatchNormAct(4)
+    norm.act = nn.LeakyReLU(0.3)
+    before = _model(norm).eval()
+    after = bnkit.convert(copy.deepcopy(before), "bnkit")
+    assert type(after[1]) is bnkit.SyncBatchNorm
+    assert (after[1].activation, after[1].negative_slope) == ("leaky_relu", 0.3)
+    x = torch.randn(4, 3, 6, 6)
+    torch.testing.assert_close(after(x), before(x))

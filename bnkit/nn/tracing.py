@@ -23,17 +23,17 @@ from torch import fx
 __all__ = ["traced_call"]
 
 
-def traced_call(layer: torch.nn.Module, *args, **kwargs):
-    """The ``call_module`` Proxy for ``layer(*args, **kwargs)`` when an argument is an ``fx.Proxy``, else None.
+def traced_call(layer: torch.nn.Module, input, mask=None, lengths=None):
+    """The ``call_module`` Proxy for ``layer(input, mask=mask, lengths=lengths)`` when an argument is an
+    ``fx.Proxy``, else None (a few isinstance checks: this runs at every forward).
 
     ``None`` keyword arguments are left out of the node, so a plain call records ``layer(x)`` as
     torch.nn's does.
     """
-    kwargs = {k: v for k, v in kwargs.items() if v is not None}
-    proxies = [a for a in (*args, *kwargs.values()) if isinstance(a, fx.Proxy)]
-    if not proxies:
+    if not (isinstance(input, fx.Proxy) or isinstance(mask, fx.Proxy) or isinstance(lengths, fx.Proxy)):
         return None
-    tracer = proxies[0].tracer
+    kwargs = {k: v for k, v in (("mask", mask), ("lengths", lengths)) if v is not None}
+    tracer = next(a for a in (input, mask, lengths) if isinstance(a, fx.Proxy)).tracer
     name = layer.layer_name
     try:
         path = tracer.path_of_module(layer)
@@ -47,4 +47,4 @@ def traced_call(layer: torch.nn.Module, *args, **kwargs):
     if layer._forward_pre_hooks or layer._forward_hooks:
         raise RuntimeError(f"{name} ({path}): has forward hooks, which torch.fx would record on Proxies and the "
                            f"traced graph would run again inside the layer's call; remove them before tracing")
-    return tracer.create_proxy("call_module", path, args, kwargs)
+    return tracer.create_proxy("call_module", path, (input,), kwargs)
