@@ -67,7 +67,7 @@ import torch
 from torch import nn
 
 from .freezing import batch_norm_layers, frozen_stats
-from .functional import _channel_first, _check_mask, mask_from_lengths
+from .validation import channel_first, check_mask, mask_from_lengths
 from .stats import Moments
 
 __all__ = ["calibrate", "CalibrationReport", "LayerCalibration", "MODES"]
@@ -226,13 +226,13 @@ def _layer_input(args: tuple, kwargs: dict) -> torch.Tensor:
 
 def _input_moments(module: nn.Module, args: tuple, kwargs: dict) -> Moments:
     """Moments of what the layer normalizes: channels on ``axis`` (bnkit), padding (``mask=``/``lengths=``) left out."""
-    x = _channel_first(_layer_input(args, kwargs), getattr(module, "axis", 1))
+    name = getattr(module, "layer_name", type(module).__name__)
+    x = channel_first(name, _layer_input(args, kwargs), getattr(module, "axis", 1))
     extra = dict(zip(("mask", "lengths"), args[1:]), **kwargs)
     mask, lengths = extra.get("mask"), extra.get("lengths")
-    name = getattr(module, "layer_name", type(module).__name__)
     if lengths is not None:
         mask = mask_from_lengths(name, x, lengths)
-    return Moments.of(x, None if mask is None else _check_mask(name, x, mask))
+    return Moments.of(x, None if mask is None else check_mask(name, x, mask))
 
 
 class _Capture:

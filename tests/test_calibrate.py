@@ -402,7 +402,7 @@ def test_progress_prints_only_when_asked(capsys):
 
 
 def test_report_changes_are_relative_to_the_old_statistics():
-    model = nn.Sequential(bnkit.BatchNorm1d(1, eps=0.0))
+    model = nn.Sequential(bnkit.BatchNorm1d(1, eps=1e-12))
     model[0].running_mean.fill_(1.0)
     model[0].running_var.fill_(4.0)
     x = torch.tensor([[3.0], [5.0]])  # mean 4, unbiased var 2
