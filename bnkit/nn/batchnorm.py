@@ -19,7 +19,7 @@ from torch.utils.hooks import RemovableHandle
 
 from ..ops import check_activation, check_memory_efficient, normalize
 from ..ops.activations import apply_activation
-from ..ops.backend import kernels_for
+from ..ops.backend import get_backend, kernels_for
 from ..stats import Moments, accumulation_dtype, batch_moments, ghost_statistics, masked_moments
 from ..stats import example_weighted_moments
 from ..stats import momentum as momentum_lib
@@ -197,21 +197,27 @@ class BatchNormBase(_TorchBatchNorm):
     # ---- the forward: which route runs, and why, in one place -------------------------------------
     def forward(self, input: torch.Tensor, mask: torch.Tensor | None = None,
                 lengths: torch.Tensor | None = None) -> torch.Tensor:
-        x = channel_first(self.layer_name, input, self.axis, self._check_input_dim)
+        axis = self.axis
+        if axis == 1 and type(input) is torch.Tensor and input.dim() in self._expected_dims:
+            x = input  # the common case, checked without building a message
+        else:
+            x = channel_first(self.layer_name, input, axis, self._check_input_dim)
         if lengths is not None or mask is not None:
             mask = self._mask(x, mask, lengths)
-        batch_stats = (self.training and self.stats_frozen != "running") or self.running_mean is None \
-            or self.running_var is None
-        check_eps(self.layer_name, self.eps, batch_stats)
+        buffers = self._buffers  # one dict lookup each instead of Module.__getattr__ per access
+        running = buffers.get("running_mean") is not None and buffers.get("running_var") is not None
+        training = self.training
+        batch_stats = (training and self.stats_frozen != "running") or not running
+        if not self.eps > 0:
+            check_eps(self.layer_name, self.eps, batch_stats)
         if not batch_stats:
             y = self._eval_route(x, mask)
         else:
-            update = self.training and self.track_running_stats and self.stats_frozen is None \
-                and self.running_mean is not None and self.running_var is not None
+            update = training and running and self.track_running_stats and self.stats_frozen is None
             y = self._train_route(x, mask, update)
-            if self.training and self.last_train_batch_size != x.shape[0]:
+            if training and self.last_train_batch_size != x.shape[0]:
                 self.last_train_batch_size = x.shape[0]
-        return channel_back(y, self.axis)
+        return y if axis == 1 else channel_back(y, axis)
 
     def _eval_route(self, x: torch.Tensor, mask) -> torch.Tensor:
         """Running statistics: torch's ``batch_norm(training=False)`` (or the eval kernel), or the
@@ -219,7 +225,8 @@ class BatchNormBase(_TorchBatchNorm):
         alpha = self._example_weight()
         if alpha is not None:
             return self._composed_eval(x, mask, alpha)
-        kernels = kernels_for(x, training=False, activation=self.activation)
+        kernels = kernels_for(x, training=False, activation=self.activation) if x.is_cuda or _FORCED_KERNELS() \
+            else None
         if kernels is not None:
             self._check(x)
             y = kernels.eval_forward(x, self.running_mean, self.running_var, self.weight, self.bias, self.eps,
@@ -245,7 +252,8 @@ class BatchNormBase(_TorchBatchNorm):
         if self._moments_hooks:
             self._check(x)
             self._call_moments_hooks(Moments.of(x))
-        kernels = kernels_for(x, training=True, activation=self.activation) if n > 1 else None
+        kernels = kernels_for(x, training=True, activation=self.activation) if n > 1 and (x.is_cuda or \
+            _FORCED_KERNELS()) else None
         if kernels is not None:
             self._check(x)
             y, mean, var = kernels.train_forward(x, self.weight, self.bias, self.eps, self.activation,
@@ -268,23 +276,24 @@ class BatchNormBase(_TorchBatchNorm):
         return self._explained(x, _locked, self._aten_update, x, self._momentum_for_update())
 
     def _aten_update(self, x: torch.Tensor, momentum) -> torch.Tensor:
+        buffers = self._buffers
+        running_mean, running_var = buffers["running_mean"], buffers["running_var"]
         ema_in_kernel = isinstance(momentum, float)
         if ema_in_kernel:  # torch's own EMA, bit for bit
-            scratch = torch.stack((self.running_mean, self.running_var))
+            scratch = torch.stack((running_mean, running_var))
         else:  # momentum 1 leaves the batch's (mean, unbiased var) in the scratch
-            scratch = torch.zeros((2,) + self.running_mean.shape, dtype=self.running_mean.dtype,
-                                  device=self.running_mean.device)
+            scratch = running_mean.new_zeros((2,) + running_mean.shape)
+        new_mean, new_var = scratch.unbind()
         shift = _stability_shift(x)
         if shift is not None:  # CPU kernels for (N, C) and channels_last use E[x^2] - E[x]^2
             x = x - shift.view((1, -1) + (1,) * (x.dim() - 2))
             if ema_in_kernel:
-                scratch[0].sub_(shift.to(scratch.dtype))
-        y = self._aten(x, scratch[0], scratch[1], True, momentum if ema_in_kernel else 1.0)
-        new_mean, new_var = scratch[0], scratch[1]
+                new_mean.sub_(shift.to(scratch.dtype))
+        y = self._aten(x, new_mean, new_var, True, momentum if ema_in_kernel else 1.0)
         if shift is not None:
             new_mean = new_mean + shift.to(new_mean.dtype)
         if not ema_in_kernel:
-            new_mean, new_var = candidates(self.running_mean, self.running_var, self.num_batches_tracked,
+            new_mean, new_var = candidates(running_mean, running_var, buffers.get("num_batches_tracked"),
                                            new_mean, new_var, momentum)
         self._commit(new_mean, new_var, (scratch,))
         return y
@@ -320,8 +329,9 @@ class BatchNormBase(_TorchBatchNorm):
 
     # ---- the pieces the routes share ---------------------------------------------------------------
     def _aten(self, x, running_mean, running_var, training: bool, momentum: float) -> torch.Tensor:
-        return torch.batch_norm(x, self.weight, self.bias, running_mean, running_var, training, momentum,
-                                self.eps, torch.backends.cudnn.enabled)
+        params = self._parameters
+        return torch.batch_norm(x, params.get("weight"), params.get("bias"), running_mean, running_var, training,
+                                momentum, self.eps, torch.backends.cudnn.enabled)
 
     def _explained(self, x: torch.Tensor, fn, *args):
         """``fn(*args)`` unchecked (the fast path: ATen checks shapes, devices and dtypes itself);
@@ -382,12 +392,15 @@ class BatchNormBase(_TorchBatchNorm):
                                      "unchanged (nonfinite='raise').")
         if enough is not None:
             keep = enough if keep is None else keep & enough
+        buffers = self._buffers
+        running_mean = buffers["running_mean"]
         skipped = self._nonfinite_skipped
-        if skipped.device != self.running_mean.device:  # the layer was moved (.to() moves buffers only)
-            device = self.running_mean.device
+        if skipped.device != running_mean.device:  # the layer was moved (.to() moves buffers only)
+            device = running_mean.device
             skipped = torch.zeros((), dtype=torch.long, device=device) if skipped.is_meta else skipped.to(device)
             self._nonfinite_skipped = skipped
-        commit(self.running_mean, self.running_var, self.num_batches_tracked, new_mean, new_var, keep, skipped)
+        commit(running_mean, buffers["running_var"], buffers.get("num_batches_tracked"), new_mean, new_var, keep,
+               skipped)
 
     def _call_moments_hooks(self, moments: Moments) -> None:
         for hook in list(self._moments_hooks.values()):
@@ -490,6 +503,11 @@ class BatchNormBase(_TorchBatchNorm):
         if self.virtual_batch_size is not None:
             s += f", virtual_batch_size={self.virtual_batch_size}"
         return s
+
+
+def _FORCED_KERNELS() -> bool:  # noqa: N802 - reads like the constant it nearly is
+    """CPU tensors take the kernels only when forced (Triton's interpreter, in tests)."""
+    return get_backend() == "triton"
 
 
 def _locked(fn, *args):
