@@ -191,8 +191,8 @@ def _channel_axis_ok(bn: nn.Module, layer: nn.Module, producer: str) -> str | No
             f"{where} of its output; the conv/linear weight cannot scale that dimension")
 
 
-def _not_affine_reason(bn: nn.Module) -> str:
-    """Why ``eval_affine(bn)`` is None, in words."""
+def not_affine_reason(bn: nn.Module) -> str:
+    """Why ``eval_affine(bn)`` is None, in words (fold and to_keras report it)."""
     if getattr(bn, "running_mean", None) is None or getattr(bn, "running_var", None) is None:
         return ("it has no running statistics (track_running_stats=False): it normalizes with batch statistics "
                 "even in eval, which no fixed weight can reproduce")
@@ -212,7 +212,7 @@ def _fold_map(bn: nn.Module, layer: nn.Module, producer: str) -> tuple[torch.Ten
         return f"{producer} is a lazy layer that has not been initialized; run one forward first"
     affine = eval_affine(bn, torch.float64)
     if affine is None:
-        return _not_affine_reason(bn)
+        return not_affine_reason(bn)
     wrong_axis = _channel_axis_ok(bn, layer, producer)
     if wrong_axis:
         return wrong_axis
