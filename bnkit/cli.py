@@ -110,11 +110,14 @@ def _load_model(path: str, trust_pickle: bool = False):
 
 def _load_torch_file(p: Path, path: str, trust_pickle: bool):
     import re
+    import warnings
 
     import torch
 
     try:
-        return torch.load(str(p), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's notes on pickle protocols: the error below says what matters
+            warnings.simplefilter("ignore")
+            return torch.load(str(p), map_location="cpu", weights_only=True)
     except Exception as e:
         refused = e
     if not trust_pickle:
