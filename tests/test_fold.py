@@ -300,3 +300,24 @@ def test_frozen_batch_norm_folds():
     assert [(p.bn, p.replaced_by) for p in report.folded] == [("1", "Identity"), ("4", "ReLU")], str(report)
     assert report.not_folded == [] and not any(isinstance(m, bnkit.FrozenBatchNorm) for m in folded.modules())
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+
+
+@pytest.mark.parametrize("make", [lambda: bnkit.BatchRenorm2d(4), lambda: bnkit.SyncBatchNorm(4),
+                                  lambda: bnkit.LazyBatchNorm2d(), lambda: bnkit.BatchNorm2d(4, virtual_batch_size=2),
+                                  lambda: bnkit.BatchNorm2d(4, activation="leaky_relu", negative_slope=0.2),
+                                  lambda: bnkit.BatchNorm2d(4, variance="biased", decay=0.9)],
+                         ids=["renorm", "sync", "lazy", "ghost", "leaky_relu", "keras_conventions"])
+def test_eval_affine_of_trained_variants_is_their_eval(make):
+    torch.manual_seed(0)
+    layer = make()
+    for _ in range(3):
+        layer.train()(torch.randn(6, 4, 3, 3) * 2 + 1)
+    with torch.no_grad():
+        layer.weight.uniform_(0.5, 2)
+        layer.bias.uniform_(-1, 1)
+        x = torch.randn(5, 4, 3, 3)
+        scale, shift = layer.eval_affine()
+        y = x * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
+        if layer.activation == "leaky_relu":
+            y = torch.nn.functional.leaky_relu(y, 0.2)
+        torch.testing.assert_close(layer.eval()(x), y, rtol=1e-6, atol=1e-6)
