@@ -218,18 +218,16 @@ def _batch_input(batch):
 
 def _check_batches(batches: list) -> None:
     """Refuse data without samples or with NaN/Inf inputs: every measurement would be empty or NaN."""
-    inputs = [(k, x) for k, x in ((k, _batch_input(b)) for k, b in enumerate(batches)) if x is not None]
-    if inputs and all(x.dim() == 0 or x.shape[0] == 0 for _, x in inputs):
-        raise ValueError(f"doctor: the data holds 0 samples (batch shapes {sorted({tuple(x.shape) for _, x in inputs})})")
-    for k, x in inputs:
-        if x.is_floating_point() or x.is_complex():
-            bad = ~torch.isfinite(x)
-            if bad.any():
-                total = sum(int((~torch.isfinite(y)).sum()) for _, y in inputs if y.is_floating_point() or y.is_complex())
-                sample = int(bad.reshape(x.shape[0], -1).any(1).nonzero()[0]) if x.dim() else 0
-                raise ValueError(f"doctor: the data is not finite: {total} NaN/Inf input values (the first in "
-                                 f"sample {sample} of batch {k}); statistics of such data are NaN. Clean or drop "
-                                 f"those samples first")
+    inputs = [x for x in map(_batch_input, batches) if x is not None]
+    if inputs and all(x.dim() == 0 or x.shape[0] == 0 for x in inputs):
+        raise ValueError(f"doctor: the data holds 0 samples (batch shapes {sorted({tuple(x.shape) for x in inputs})})")
+    bad = [~torch.isfinite(x) if x.is_floating_point() or x.is_complex() else None for x in map(_batch_input, batches)]
+    counts = [0 if b is None else int(b.sum()) for b in bad]
+    if any(counts):
+        k = next(i for i, c in enumerate(counts) if c)
+        sample = int(bad[k].reshape(bad[k].shape[0], -1).any(1).nonzero()[0]) if bad[k].dim() else 0
+        raise ValueError(f"doctor: the data is not finite: {sum(counts)} NaN/Inf input values (the first in sample "
+                         f"{sample} of batch {k}); statistics of such data are NaN. Clean or drop those samples first")
 
 
 def _call(model: nn.Module, batch, forward):
@@ -280,6 +278,10 @@ def doctor(model: nn.Module, data, num_batches: int = 50, batch_size: int = 64, 
 
     Returns:
         :class:`DoctorReport`.
+
+    Raises:
+        ValueError: ``num_batches``/``batch_size`` not a positive int, an unknown ``mode``, a model
+            without batch-norm layers, data with 0 samples or with NaN/Inf inputs.
     """
     _check_arguments(model, num_batches, batch_size, mode)
     limits = {**THRESHOLDS, **(thresholds or {})}
@@ -305,8 +307,9 @@ def doctor(model: nn.Module, data, num_batches: int = 50, batch_size: int = 64, 
                            min_values_per_channel=min(values, default=None))
         if d.has_running_stats:
             d.ema_mean, d.ema_var = running_mean.double().tolist(), running_var.double().tolist()
-            affine = eval_affine(bn, torch.float64) if name in measured.inputs else None  # None: eval is not
-            if affine is not None:  # the running-statistics map, the train/eval gap as defined does not apply
+            # None: eval is not the running-statistics map (example_weight), so this gap does not apply
+            affine = eval_affine(bn, torch.float64) if name in measured.inputs else None
+            if affine is not None:
                 x = _channel_first(measured.inputs[name], getattr(bn, "axis", 1))
                 y_b = batch_norm(x, None, None, bn.weight, bn.bias, training=True, eps=bn.eps)
                 view = (1, -1) + (1,) * (x.dim() - 2)

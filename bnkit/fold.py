@@ -174,7 +174,7 @@ def _out_channels(layer: nn.Module) -> int:
     return layer.out_channels
 
 
-def _channel_axis_ok(bn: nn.Module, layer: nn.Module, producer: str) -> str | None:
+def _wrong_axis_reason(bn: nn.Module, layer: nn.Module, producer: str) -> str | None:
     """Why ``bn`` does not normalize the producer's output channels, or None when it does."""
     axis = getattr(bn, "axis", 1)  # bnkit layers may normalize another dimension; the rest use dimension 1
     if isinstance(layer, nn.Linear):
@@ -213,7 +213,7 @@ def _fold_map(bn: nn.Module, layer: nn.Module, producer: str) -> tuple[torch.Ten
     affine = eval_affine(bn, torch.float64)
     if affine is None:
         return not_affine_reason(bn)
-    wrong_axis = _channel_axis_ok(bn, layer, producer)
+    wrong_axis = _wrong_axis_reason(bn, layer, producer)
     if wrong_axis:
         return wrong_axis
     if _out_channels(layer) != bn.num_features:
