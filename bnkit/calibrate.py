@@ -110,8 +110,8 @@ class CalibrationReport:
 
     ``batches``: batches whose activations entered the statistics (this rank). ``skipped_batches``:
     batches left out because some layer saw NaN/Inf. ``single_value_batches``: batches left out because
-    they gave some layer one value per channel (see the module docstring). ``short_loader``: the loader ran out before
-    ``num_samples``/``num_batches``. ``inputs``: model inputs drawn per pass on this rank (``None``
+    they gave some layer one value per channel (see the module docstring). ``short_loader``: the loader
+    ran out before ``num_samples``/``num_batches``. ``inputs``: model inputs drawn per pass on this rank (``None``
     when the batches have no tensor to count). ``passes``: passes over the data.
     """
 
