@@ -504,6 +504,28 @@ class BatchNormBase(_TorchBatchNorm):
             s += f", virtual_batch_size={self.virtual_batch_size}"
         return s
 
+    def eval_affine(self, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Eval as a per-channel affine map, or ``None`` when eval is not one.
+
+        Returns ``(scale, shift)``, each of shape ``(C,)`` in ``dtype`` (float32 by default; ``bnkit.fold``
+        asks for float64), such that the eval output is ``act(x * scale + shift)`` per channel along
+        ``axis``: ``scale = weight / sqrt(running_var + eps)``, ``shift = bias - running_mean * scale``.
+        ``None`` when no fixed weights can reproduce eval: no running statistics (eval normalizes with
+        the batch's own), ``example_weight`` set (each example's statistics are mixed in), or a lazy
+        layer not yet initialized. Non-finite running statistics give a non-finite map. This is the one
+        place that decides the question for ``bnkit.fold``, ``bnkit.to_keras`` and ``bnkit.doctor``.
+        """
+        if self.running_mean is None or self.running_var is None or self.example_weight is not None \
+                or isinstance(self.running_mean, torch.nn.parameter.UninitializedBuffer):
+            return None
+        scale = torch.rsqrt(self.running_var.detach().to(dtype) + self.eps)
+        if self.weight is not None:
+            scale = scale * self.weight.detach().to(dtype)
+        shift = -self.running_mean.detach().to(dtype) * scale
+        if self.bias is not None:
+            shift = shift + self.bias.detach().to(dtype)
+        return scale, shift
+
 
 def _FORCED_KERNELS() -> bool:  # noqa: N802 - reads like the constant it nearly is
     """CPU tensors take the kernels only when forced (Triton's interpreter, in tests)."""
