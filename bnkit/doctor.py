@@ -35,7 +35,8 @@ from torch import nn
 
 from .freezing import batch_norm_layers, frozen_stats
 from .fold import eval_affine
-from .functional import _channel_first, batch_norm
+from .functional import batch_norm
+from .validation import channel_first
 from .stats.momentum import KERAS_LOOKALIKE_THRESHOLD, convert
 
 __all__ = ["doctor", "DoctorReport", "LayerDiagnosis", "Finding", "THRESHOLDS"]
@@ -310,7 +311,7 @@ def doctor(model: nn.Module, data, num_batches: int = 50, batch_size: int = 64, 
             # None: eval is not the running-statistics map (example_weight), so this gap does not apply
             affine = eval_affine(bn, torch.float64) if name in measured.inputs else None
             if affine is not None:
-                x = _channel_first(measured.inputs[name], getattr(bn, "axis", 1))
+                x = channel_first(name, measured.inputs[name], getattr(bn, "axis", 1))
                 y_b = batch_norm(x, None, None, bn.weight, bn.bias, training=True, eps=bn.eps)
                 view = (1, -1) + (1,) * (x.dim() - 2)
                 y_r = x.double() * affine[0].view(view) + affine[1].view(view)
