@@ -24,9 +24,11 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from .freezing import batch_norm_layers
 from .functional import batch_statistics_update
 from .nn.batchnorm import BatchNormBase
-from .stats import Moments, batch_moments
+from .stats import Moments
 
 __all__ = ["accumulate"]
+
+_FLAG = "_bnkit_accumulating"
 
 
 class _Accumulator:
@@ -37,10 +39,8 @@ class _Accumulator:
         self.pooled: Moments | None = None
         self.seen = 0
 
-    def add(self, mean: torch.Tensor, var: torch.Tensor, n) -> None:
-        count = torch.as_tensor(n, dtype=mean.dtype, device=mean.device).expand_as(mean)
-        part = Moments(count, mean, var * count)
-        self.pooled = part if self.pooled is None else self.pooled.merge(part)
+    def add(self, moments: Moments) -> None:
+        self.pooled = moments if self.pooled is None else self.pooled.merge(moments)
         self.seen += 1
         if self.seen == self.steps:
             self.flush()
@@ -51,56 +51,68 @@ class _Accumulator:
         layer, pooled = self.layer, self.pooled
         self.pooled, self.seen = None, 0
         if isinstance(layer, BatchNormBase):
-            name, momentum = layer.layer_name, layer._update_momentum()
-            nonfinite, variance = layer.nonfinite, layer.variance
-        else:
-            name, momentum, nonfinite, variance = type(layer).__name__, layer.momentum, "skip", "unbiased"
+            layer.fold_moments(pooled)
+            return
         n = pooled.count[0] if pooled.count.numel() else 0
-        batch_statistics_update(name, pooled.mean, pooled.var(), n, layer.running_mean, layer.running_var,
-                                momentum, layer.num_batches_tracked, nonfinite, variance)
+        batch_statistics_update(type(layer).__name__, pooled.mean, pooled.var(), n, layer.running_mean,
+                                layer.running_var, layer.momentum, layer.num_batches_tracked)
 
 
-def _torch_pre_hook(acc: _Accumulator):
-    def hook(module, args):
-        if module.training and module.track_running_stats and module.running_mean is not None:
-            x = args[0]
-            with torch.no_grad():
-                mean, var = batch_moments(x)
-            module.track_running_stats = False  # torch: batch statistics, no update, for this call only
-            module._bnkit_accumulating = True
-            acc.add(mean, var, x.numel() // x.shape[1])
-    return hook
+def _torch_hooks(layer: _BatchNorm, acc: _Accumulator) -> list:
+    """torch.nn layers: batch statistics without the update for each call (torch's own switch), and
+    the moments pooled only after the layer accepted the batch."""
+    def before(module, args):
+        object.__setattr__(module, "_bnkit_saved_track", module.track_running_stats)
+        module.track_running_stats = False
+
+    def after(module, args, output):
+        with torch.no_grad():
+            acc.add(Moments.of(args[0]))
+
+    def restore(module, args, output):
+        module.track_running_stats = module._bnkit_saved_track
+
+    return [layer.register_forward_pre_hook(before), layer.register_forward_hook(after),
+            layer.register_forward_hook(restore, always_call=True)]
 
 
-def _torch_post_hook(module, args, output):
-    if getattr(module, "_bnkit_accumulating", False):
-        module.track_running_stats = True
-        module._bnkit_accumulating = False
+def _live(layer: _BatchNorm) -> bool:
+    if isinstance(layer, BatchNormBase):
+        return layer.stats_frozen is None and layer.running_mean is not None
+    return layer.track_running_stats and layer.running_mean is not None and \
+        getattr(layer, "_bnkit_stats_frozen", None) is None
 
 
 @contextlib.contextmanager
 def accumulate(model: torch.nn.Module, steps: int):
     """``with bnkit.accumulate(model, steps=k):`` update running statistics once per k micro-batches.
 
-    Works on bnkit and ``torch.nn`` batch-norm layers. Layers whose statistics are frozen are left
-    alone. The model's mode, momentum and conventions are unchanged.
+    Works on bnkit and ``torch.nn`` batch-norm layers. Layers whose statistics are frozen (or not
+    tracked) are left alone. A batch a layer refuses (wrong shape, a batch of one) is not pooled.
+    The model's mode, momentum and conventions are unchanged. bnkit layers are driven through their
+    public API (``stats_frozen``, :meth:`~bnkit.BatchNormBase.register_moments_hook`,
+    :meth:`~bnkit.BatchNormBase.fold_moments`); contexts do not nest on the same layer.
     """
-    if not isinstance(steps, int) or steps < 1:
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"accumulate: steps must be a positive int, got {steps!r}")
     layers = batch_norm_layers(model)
     if not layers:
         raise ValueError(f"accumulate: {type(model).__name__} has no batch-norm layer")
+    for name, layer in layers:
+        if getattr(layer, _FLAG, False):
+            raise RuntimeError(f"accumulate: {getattr(layer, 'layer_name', type(layer).__name__)} "
+                               f"({name or 'the model'}) is already inside an accumulate() context")
+    live = [layer for _, layer in layers if _live(layer)]
     accumulators, handles = [], []
-    for _, layer in layers:
+    for layer in live:
         acc = _Accumulator(layer, steps)
         accumulators.append(acc)
+        object.__setattr__(layer, _FLAG, True)
         if isinstance(layer, BatchNormBase):
-            if layer.stats_sink is not None:
-                raise RuntimeError(f"accumulate: {layer.layer_name} is already inside an accumulate() context")
-            layer.stats_sink = acc.add
+            layer.stats_frozen = "batch"
+            handles.append(layer.register_moments_hook(lambda _layer, moments, acc=acc: acc.add(moments)))
         else:
-            handles += [layer.register_forward_pre_hook(_torch_pre_hook(acc)),
-                        layer.register_forward_hook(_torch_post_hook, always_call=True)]
+            handles += _torch_hooks(layer, acc)
     try:
         yield model
     finally:
@@ -108,5 +120,6 @@ def accumulate(model: torch.nn.Module, steps: int):
             h.remove()
         for acc in accumulators:
             if isinstance(acc.layer, BatchNormBase):
-                acc.layer.stats_sink = None
+                acc.layer.stats_frozen = None
+            object.__setattr__(acc.layer, _FLAG, False)
             acc.flush()

@@ -44,6 +44,12 @@ Choices, all deliberate:
 * A batch whose activations are non-finite in any calibrated layer is skipped for all layers, so
   every layer is calibrated on the same samples; it is counted in the report. In
   ``eval_consistent`` mode a batch skipped in one pass is left out of the later passes too.
+* A batch that gives a layer a single value per channel (a last batch of one sample before a
+  ``BatchNorm1d``) is left out of every layer's statistics, with a warning, and counted in the
+  report. Its value would pool exactly into *that* layer, but the layer itself cannot normalize
+  one value with batch statistics (torch raises; its variance is 0), so what every later layer
+  would see from that batch is undefined. A batch of one sample with spatial positions has more
+  than one value per channel and is pooled as any other.
 * Limits: ``num_samples`` (if given) wins over ``num_batches``: batches are drawn until at least
   ``num_samples`` model inputs were drawn (the last batch is used whole). Otherwise at most
   ``num_batches`` batches are drawn; ``None`` for both uses the whole loader. Skipped batches count.
@@ -67,7 +73,7 @@ import torch
 from torch import nn
 
 from .freezing import batch_norm_layers, frozen_stats
-from .functional import _channel_first, _check_mask, mask_from_lengths
+from .validation import channel_first, check_mask, mask_from_lengths
 from .stats import Moments
 
 __all__ = ["calibrate", "CalibrationReport", "LayerCalibration", "MODES"]
@@ -103,8 +109,9 @@ class CalibrationReport:
     """Returned by :func:`calibrate`. ``print(report)`` shows a table; ``rich.print(report)`` a rich one.
 
     ``batches``: batches whose activations entered the statistics (this rank). ``skipped_batches``:
-    batches left out because some layer saw NaN/Inf. ``short_loader``: the loader ran out before
-    ``num_samples``/``num_batches``. ``inputs``: model inputs drawn per pass on this rank (``None``
+    batches left out because some layer saw NaN/Inf. ``single_value_batches``: batches left out because
+    they gave some layer one value per channel (see the module docstring). ``short_loader``: the loader
+    ran out before ``num_samples``/``num_batches``. ``inputs``: model inputs drawn per pass on this rank (``None``
     when the batches have no tensor to count). ``passes``: passes over the data.
     """
 
@@ -115,6 +122,7 @@ class CalibrationReport:
     short_loader: bool
     inputs: int | None
     passes: int
+    single_value_batches: int = 0
 
     def __rich__(self):
         from rich.table import Table
@@ -123,7 +131,9 @@ class CalibrationReport:
             return "-" if v is None else f"{v:.3g}"
 
         table = Table(title=f"bnkit.calibrate ({self.mode}): {self.batches} batches used, "
-                            f"{self.skipped_batches} skipped (non-finite), {self.passes} pass(es)"
+                            f"{self.skipped_batches} skipped (non-finite), "
+                            + (f"{self.single_value_batches} left out (one value per channel), "
+                               if self.single_value_batches else "") + f"{self.passes} pass(es)"
                             + (", loader shorter than asked" if self.short_loader else ""))
         for col in ("layer", "type", "level", "samples", "mean change (old std)", "var change (rel.)"):
             table.add_column(col, justify="left" if col in ("layer", "type") else "right")
@@ -224,15 +234,27 @@ def _layer_input(args: tuple, kwargs: dict) -> torch.Tensor:
     return args[0] if args else kwargs["input"]
 
 
-def _input_moments(module: nn.Module, args: tuple, kwargs: dict) -> Moments:
-    """Moments of what the layer normalizes: channels on ``axis`` (bnkit), padding (``mask=``/``lengths=``) left out."""
-    x = _channel_first(_layer_input(args, kwargs), getattr(module, "axis", 1))
+def _input_moments(module: nn.Module, args: tuple, kwargs: dict) -> tuple[Moments, int]:
+    """Moments of what the layer normalizes: channels on ``axis`` (bnkit), padding (``mask=``/``lengths=``) left
+    out; and the number of values per channel (from the shape, or the mask's count)."""
+    name = getattr(module, "layer_name", type(module).__name__)
+    x = channel_first(name, _layer_input(args, kwargs), getattr(module, "axis", 1))
     extra = dict(zip(("mask", "lengths"), args[1:]), **kwargs)
     mask, lengths = extra.get("mask"), extra.get("lengths")
-    name = getattr(module, "layer_name", type(module).__name__)
     if lengths is not None:
         mask = mask_from_lengths(name, x, lengths)
-    return Moments.of(x, None if mask is None else _check_mask(name, x, mask))
+    if mask is None:
+        return Moments.of(x), x.numel() // max(x.shape[1], 1)
+    mask = check_mask(name, x, mask)
+    return Moments.of(x, mask), int(mask.sum())
+
+
+class _SingleValueBatch(Exception):
+    """Raised by a capture hook, before the layer runs, for a batch that gives it one value per channel."""
+
+    def __init__(self, layer: int, samples: int):
+        super().__init__(layer, samples)
+        self.layer, self.samples = layer, samples
 
 
 class _Capture:
@@ -245,7 +267,9 @@ class _Capture:
 
     def _hook(self, i: int):
         def hook(module, args, kwargs):
-            m = _input_moments(module, args, kwargs)
+            m, values = _input_moments(module, args, kwargs)
+            if values == 1:  # the layer cannot normalize it with batch statistics: see the module docstring
+                raise _SingleValueBatch(i, _layer_input(args, kwargs).shape[0])
             self.batch[i] = m if i not in self.batch else self.batch[i].merge(m)
         return hook
 
@@ -428,17 +452,23 @@ def _calibration_state(model: nn.Module, modules: list[nn.Module]):
 
 
 def _read_pass(model: nn.Module, batches: _Batches, forward, capture: _Capture, probe: _DependencyProbe | None,
-               skipped: set[int], bar, description: str) -> None:
-    """One pass over the data: forward each batch, keep it or add its index to ``skipped``; hooks removed after."""
+               skipped: set[int], single: dict[int, tuple[int, int]], bar, description: str) -> None:
+    """One pass over the data: forward each batch, keep it or add its index to ``skipped`` (non-finite) or
+    ``single`` (index -> (layer, samples): one value per channel); hooks removed after."""
     task = None if bar is None else bar.add_task(description, total=batches.total)
     try:
         for index, batch, n in batches:
-            if index in skipped:
+            if index in skipped or index in single:
                 continue
-            with torch.enable_grad() if probe is not None else torch.no_grad():
-                forward(model, batch)
-            if not capture.end_batch():
-                skipped.add(index)
+            try:
+                with torch.enable_grad() if probe is not None else torch.no_grad():
+                    forward(model, batch)
+            except _SingleValueBatch as e:
+                single[index] = (e.layer, e.samples)
+                capture.batch.clear()
+            else:
+                if not capture.end_batch():
+                    skipped.add(index)
             if probe is not None:
                 probe.end_batch()
             if bar is not None:
@@ -505,6 +535,7 @@ def calibrate(model: nn.Module, data: Iterable, num_samples: int | None = None, 
     results: dict[int, Moments] = {}
     level = [0] * len(modules)
     skipped: set[int] = set()
+    single: dict[int, tuple[int, int]] = {}
 
     with _calibration_state(model, modules), _progress_bar(progress) as bar:
         passes, depth, first = 1, 0, None
@@ -517,10 +548,21 @@ def calibrate(model: nn.Module, data: Iterable, num_samples: int | None = None, 
                 m.training = level[i] >= depth
             batches = _Batches(data, num_samples, num_batches)
             capture = _Capture(modules, captured)
-            _read_pass(model, batches, forward, capture, probe, skipped, bar,
+            _read_pass(model, batches, forward, capture, probe, skipped, single, bar,
                        "calibrate" if mode == "precise" else f"calibrate level {depth}")
             if first is None:
                 first = batches
+                if single and len(single) + len(skipped) == batches.drawn:
+                    raise ValueError(f"calibrate: every batch gave some layer a single value per channel (layer "
+                                     f"{names[next(iter(single.values()))[0]]!r}); batch statistics need more "
+                                     f"than 1 value per channel: pass larger batches")
+                if single:
+                    index, (layer, samples) = next(iter(single.items()))
+                    warnings.warn(f"calibrate: {len(single)} batch(es) gave a layer a single value per channel "
+                                  f"(batch {index}: {samples} sample(s), layer {names[layer]!r}); batch statistics "
+                                  f"of one value are undefined, so these batches are left out of every layer's "
+                                  f"statistics. DataLoader(..., drop_last=True) avoids them", RuntimeWarning,
+                                  stacklevel=2)
                 if batches.short:
                     limit = f"num_samples={num_samples}" if num_samples is not None else f"num_batches={num_batches}"
                     warnings.warn(f"calibrate: the loader ran out after {batches.drawn} batches, before {limit}; "
@@ -547,8 +589,8 @@ def calibrate(model: nn.Module, data: Iterable, num_samples: int | None = None, 
     return CalibrationReport(
         mode=mode, layers=[_layer_report(names[i], modules[i], level[i], results.get(i), *old[i])
                            for i in range(len(modules))],
-        batches=first.drawn - len(skipped), skipped_batches=len(skipped), short_loader=first.short,
-        inputs=first.inputs, passes=passes)
+        batches=first.drawn - len(skipped) - len(single), skipped_batches=len(skipped), short_loader=first.short,
+        inputs=first.inputs, passes=passes, single_value_batches=len(single))
 
 
 def _layer_report(name: str, module: nn.Module, level: int, moments: Moments | None,

@@ -1,11 +1,14 @@
 """The ``bnkit`` command.
 
 ``bnkit demo``       train a small BN CNN on scikit-learn's bundled digits and show batch norm's pitfalls
-``bnkit doctor``     diagnose a saved model (TorchScript or ``torch.save`` of the whole model)
+``bnkit doctor``     diagnose a saved model (TorchScript; ``torch.save`` of the whole model with ``--trust-pickle``)
 ``bnkit momentum``   convert a momentum between PyTorch, Keras and half-life conventions
 ``bnkit bench``      the kernel benchmark (benchmarks/bench_kernels.py of a source checkout)
 
-Errors print one line and exit non-zero; ``--debug`` shows the traceback instead.
+Errors print one line; ``--debug`` shows the traceback instead. Exit status: 0 success, 1 a file or
+the data cannot be used (or an unexpected error; ``doctor --strict``: an error finding), 2 a usage
+error (unknown or bad option), 130 interrupted. Model files load without running code from them
+(TorchScript, weights-only ``torch.load``); a pickled whole model needs ``--trust-pickle``.
 """
 from __future__ import annotations
 
@@ -19,7 +22,15 @@ __all__ = ["main"]
 
 
 class CLIError(Exception):
-    """A user error: printed as one line, exit status 2."""
+    """A usage error (bad option or option value): printed as one line, exit status 2."""
+
+    status = 2
+
+
+class InputError(CLIError):
+    """A file or data that cannot be used (missing, unreadable, wrong content): one line, exit status 1."""
+
+    status = 1
 
 
 class _Parser(argparse.ArgumentParser):
@@ -70,28 +81,57 @@ def _momentum(args, console) -> int:
 
 
 # ---- bnkit doctor ----
-def _load_model(path: str):
+PICKLE_WARNING = ("--trust-pickle: unpickling {path} runs whatever code the file holds, with your permissions; "
+                  "use it only for files you made or fully trust")
+
+
+def _load_model(path: str, trust_pickle: bool = False):
+    """A model from a TorchScript archive or a weights-only ``torch.load`` (torch reads safetensors files
+    too: tensors only, reported as a state_dict); a pickled whole model only with
+    ``trust_pickle`` (unpickling runs code from the file, so it is the user's explicit choice)."""
     import torch
 
     p = Path(path)
     if not p.is_file():
-        raise CLIError(f"cannot read model file {path}: no such file")
+        raise InputError(f"cannot read model file {path}: no such file")
     try:
-        model = torch.jit.load(str(p), map_location="cpu")
+        model = torch.jit.load(str(p), map_location="cpu")  # TorchScript: the file's code runs in TorchScript only
     except Exception:
-        try:
-            # A torch.save of a whole model is a pickle: it runs code from the file. Load only files you trust.
-            model = torch.load(str(p), map_location="cpu", weights_only=False)
-        except Exception as e:
-            raise CLIError(f"cannot read model file {path} as a TorchScript or torch.save model "
-                           f"({type(e).__name__}: {_first_line(e)})") from None
+        model = _load_torch_file(p, path, trust_pickle)
     if isinstance(model, dict):
         what = "state_dict" if all(isinstance(v, torch.Tensor) for v in model.values()) else "dict"
-        raise CLIError(f"{path} holds a {what}, not a model; save the whole model with torch.save(model, path) "
-                       f"or torch.jit.save(torch.jit.script(bnkit.convert(model, 'torch')), path)")
+        raise InputError(f"{path} holds a {what}, not a model; save the whole model with "
+                         f"torch.jit.save(torch.jit.script(bnkit.convert(model, 'torch')), path) (or "
+                         f"torch.save(model, path) and --trust-pickle)")
     if not isinstance(model, torch.nn.Module):
-        raise CLIError(f"{path} holds a {type(model).__name__}, not a torch.nn.Module")
+        raise InputError(f"{path} holds a {type(model).__name__}, not a torch.nn.Module")
     return model
+
+
+def _load_torch_file(p: Path, path: str, trust_pickle: bool):
+    import re
+    import warnings
+
+    import torch
+
+    try:
+        with warnings.catch_warnings():  # torch's notes on pickle protocols: the error below says what matters
+            warnings.simplefilter("ignore")
+            return torch.load(str(p), map_location="cpu", weights_only=True)
+    except Exception as e:
+        refused = e
+    if not trust_pickle:
+        named = re.search(r"Unsupported global: GLOBAL (\S+)", str(refused))
+        what = (f"a pickled Python object (it names {named.group(1)})" if named else
+                f"not a TorchScript, weights-only torch.save or safetensors file ({type(refused).__name__})")
+        raise InputError(f"cannot read model file {path}: it is {what}. Unpickling runs whatever code the file "
+                         f"holds; if it is a torch.save(model) you made or fully trust, pass --trust-pickle")
+    print(f"bnkit: warning: {PICKLE_WARNING.format(path=path)}", file=sys.stderr)
+    try:
+        return torch.load(str(p), map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise InputError(f"cannot read model file {path} as a TorchScript or torch.save model "
+                         f"({type(e).__name__}: {_first_line(e)})") from None
 
 
 def _load_data(args):
@@ -103,17 +143,20 @@ def _load_data(args):
         return load_digits()[0]
     p = Path(args.data)
     if not p.is_file():
-        raise CLIError(f"cannot read data file {args.data}: no such file")
+        raise InputError(f"cannot read data file {args.data}: no such file")
     try:
         data = torch.load(str(p), map_location="cpu", weights_only=True)
     except Exception as e:
-        raise CLIError(f"cannot read data file {args.data} with torch.load ({type(e).__name__})") from None
+        raise InputError(f"cannot read data file {args.data} with torch.load(weights_only=True) "
+                         f"({type(e).__name__}); save the inputs with torch.save(tensor, path)") from None
     if isinstance(data, (tuple, list)) and data and isinstance(data[0], torch.Tensor):
         data = data[0]  # an (inputs, targets) pair
     if not isinstance(data, torch.Tensor) or not data.is_floating_point() or data.dim() < 2:
         what = f"a tensor of shape {tuple(data.shape)} and dtype {data.dtype}" if isinstance(data, torch.Tensor) \
             else f"a {type(data).__name__}"
-        raise CLIError(f"data file {args.data} holds {what}; expected a floating-point tensor (N, ...) of inputs")
+        raise InputError(f"data file {args.data} holds {what}; expected a floating-point tensor (N, ...) of inputs")
+    if data.shape[0] == 0:
+        raise InputError(f"data file {args.data} holds 0 samples (shape {tuple(data.shape)})")
     return data
 
 
@@ -125,7 +168,7 @@ def _check_feeds(model, data, path: str) -> None:
         with torch.no_grad():
             copy.deepcopy(model).eval()(data[:2])
     except Exception as e:
-        raise CLIError(f"the model in {path} cannot take the data (input shape {tuple(data.shape[1:])} per "
+        raise InputError(f"the model in {path} cannot take the data (input shape {tuple(data.shape[1:])} per "
                        f"sample): {_first_line(e)}") from None
 
 
@@ -133,10 +176,13 @@ def _doctor(args, console) -> int:
     from .doctor import doctor
 
     out = _output_dir(args.out, args.force) if args.out else None
-    model = _load_model(args.model)
+    model = _load_model(args.model, args.trust_pickle)
     data = _load_data(args)
     _check_feeds(model, data, args.model)
-    report = doctor(model, data, num_batches=args.num_batches, batch_size=args.batch_size, mode=args.mode)
+    try:
+        report = doctor(model, data, num_batches=args.num_batches, batch_size=args.batch_size, mode=args.mode)
+    except ValueError as e:  # the options are checked by the parser: what is left is the model or the data
+        raise InputError(_first_line(e, 400)) from None
     report.print(console)
     if out is not None:
         report.save(out)
@@ -281,6 +327,16 @@ def _bench(args, console) -> int:
     return int(bench.main(args.bench_args) or 0)
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     # main() looks for --debug in argv itself, so that it also applies to errors while parsing
@@ -297,14 +353,16 @@ def _parser() -> argparse.ArgumentParser:
     d.set_defaults(func=_demo)
 
     doc = sub.add_parser("doctor", parents=[common], help="diagnose the batch-norm layers of a saved model")
-    doc.add_argument("model", help="TorchScript file or torch.save(model) file (only load files you trust)")
+    doc.add_argument("model", help="TorchScript file (torch.jit.save), or torch.save(model) with --trust-pickle")
+    doc.add_argument("--trust-pickle", action="store_true",
+                     help="load a torch.save(model) pickle: this runs any code in the file, only for files you trust")
     src = doc.add_mutually_exclusive_group(required=True)
     src.add_argument("--data", help="torch.save'd input tensor (N, ...) or (inputs, targets) pair")
     src.add_argument("--demo-data", action="store_true", help="use the bundled digits images (N, 1, 8, 8)")
     doc.add_argument("--out", help="also write the report folder (HTML + PNG) here")
     doc.add_argument("--force", action="store_true", help="replace --out if it exists")
-    doc.add_argument("--batch-size", type=int, default=64)
-    doc.add_argument("--num-batches", type=int, default=50)
+    doc.add_argument("--batch-size", type=_positive_int, default=64)
+    doc.add_argument("--num-batches", type=_positive_int, default=50)
     doc.add_argument("--mode", choices=("precise", "eval_consistent"), default="precise",
                      help="how bnkit.calibrate measures the population statistics")
     doc.add_argument("--strict", action="store_true", help="exit 1 when there is an error finding")
@@ -343,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             raise
         print(f"bnkit: error: {e}", file=sys.stderr)
-        return 2
+        return e.status
     except KeyboardInterrupt:
         print("bnkit: interrupted", file=sys.stderr)
         return 130

@@ -34,7 +34,9 @@ import torch
 from torch import nn
 
 from .freezing import batch_norm_layers, frozen_stats
+from .fold import eval_affine
 from .functional import batch_norm
+from .validation import channel_first
 from .stats.momentum import KERAS_LOOKALIKE_THRESHOLD, convert
 
 __all__ = ["doctor", "DoctorReport", "LayerDiagnosis", "Finding", "THRESHOLDS"]
@@ -194,6 +196,41 @@ def _batches(data, num_batches: int, batch_size: int) -> list:
     return out
 
 
+def _check_arguments(model, num_batches, batch_size, mode) -> None:
+    from .calibrate import MODES
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"doctor: model must be a torch.nn.Module, got {type(model).__name__}")
+    for arg, value in (("num_batches", num_batches), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"doctor: {arg} must be a positive int, got {value!r}")
+    if mode not in MODES:
+        raise ValueError(f"doctor: mode must be one of {MODES}, got {mode!r}")
+
+
+def _batch_input(batch):
+    """The input tensor of a batch (the batch, or its first element), or None when there is none."""
+    if isinstance(batch, torch.Tensor):
+        return batch
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
+        return batch[0]
+    return None
+
+
+def _check_batches(batches: list) -> None:
+    """Refuse data without samples or with NaN/Inf inputs: every measurement would be empty or NaN."""
+    inputs = [x for x in map(_batch_input, batches) if x is not None]
+    if inputs and all(x.dim() == 0 or x.shape[0] == 0 for x in inputs):
+        raise ValueError(f"doctor: the data holds 0 samples (batch shapes {sorted({tuple(x.shape) for x in inputs})})")
+    bad = [~torch.isfinite(x) if x.is_floating_point() or x.is_complex() else None for x in map(_batch_input, batches)]
+    counts = [0 if b is None else int(b.sum()) for b in bad]
+    if any(counts):
+        k = next(i for i, c in enumerate(counts) if c)
+        sample = int(bad[k].reshape(bad[k].shape[0], -1).any(1).nonzero()[0]) if bad[k].dim() else 0
+        raise ValueError(f"doctor: the data is not finite: {sum(counts)} NaN/Inf input values (the first in sample "
+                         f"{sample} of batch {k}); statistics of such data are NaN. Clean or drop those samples first")
+
+
 def _call(model: nn.Module, batch, forward):
     if forward is not None:
         return forward(model, batch)
@@ -242,12 +279,18 @@ def doctor(model: nn.Module, data, num_batches: int = 50, batch_size: int = 64, 
 
     Returns:
         :class:`DoctorReport`.
+
+    Raises:
+        ValueError: ``num_batches``/``batch_size`` not a positive int, an unknown ``mode``, a model
+            without batch-norm layers, data with 0 samples or with NaN/Inf inputs.
     """
+    _check_arguments(model, num_batches, batch_size, mode)
     limits = {**THRESHOLDS, **(thresholds or {})}
     layers = _bn_layers(model)
     if not layers:
         raise ValueError(f"doctor: {type(model).__name__} has no batch-norm layer")
     batches = _batches(data, num_batches, batch_size)
+    _check_batches(batches)
     names = [n for n, _ in layers]
     measure = _measure_script if isinstance(model, torch.jit.ScriptModule) else _measure_eager
     measured = measure(model, names, batches, forward, mode, progress)
@@ -265,11 +308,13 @@ def doctor(model: nn.Module, data, num_batches: int = 50, batch_size: int = 64, 
                            min_values_per_channel=min(values, default=None))
         if d.has_running_stats:
             d.ema_mean, d.ema_var = running_mean.double().tolist(), running_var.double().tolist()
-            if name in measured.inputs:
-                x = measured.inputs[name]
+            # None: eval is not the running-statistics map (example_weight), so this gap does not apply
+            affine = eval_affine(bn, torch.float64) if name in measured.inputs else None
+            if affine is not None:
+                x = channel_first(name, measured.inputs[name], getattr(bn, "axis", 1))
                 y_b = batch_norm(x, None, None, bn.weight, bn.bias, training=True, eps=bn.eps)
-                y_r = batch_norm(x, bn.running_mean.clone(), bn.running_var.clone(), bn.weight, bn.bias,
-                                 training=False, eps=bn.eps)
+                view = (1, -1) + (1,) * (x.dim() - 2)
+                y_r = x.double() * affine[0].view(view) + affine[1].view(view)
                 d.train_eval_gap = _rel_rms(y_b, y_r)
         cal = measured.calibrated.get(name)
         if cal is not None and cal.running_mean is not None:

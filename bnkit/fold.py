@@ -19,6 +19,11 @@ Which pairs fold is found in one of two ways:
 * ``nn.Sequential`` chains, when the model cannot be traced: a batch-norm layer folds when the
   element before it (the last leaf of a nested ``Sequential`` counts) is a conv/linear layer.
 
+A pair folds only when the batch-norm layer's eval is exactly that affine map over the producer's
+channels: :func:`eval_affine` (``layer.eval_affine()`` for bnkit layers) gives the map, or ``None``
+when there is none (no running statistics, ``example_weight``); a bnkit layer must normalize the
+producer's channel dimension (``axis``). bnkit's ``FrozenBatchNorm*d`` fold like batch norm.
+
 Everything that does not fold is reported with the reason, never silently skipped.
 """
 from __future__ import annotations
@@ -30,13 +35,38 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .freezing import batch_norm_layers
+from .nn.frozen import FrozenBatchNorm
 
-__all__ = ["fold", "FoldReport", "FoldedPair", "NotFolded"]
+__all__ = ["fold", "eval_affine", "FoldReport", "FoldedPair", "NotFolded"]
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONV_T = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _FOLDABLE = _CONV + _CONV_T + (nn.Linear,)
+_NORM = (_BatchNorm, FrozenBatchNorm)
+
+
+def eval_affine(layer: nn.Module, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``layer.eval_affine(dtype)`` of a bnkit layer, the same map for a ``torch.nn`` batch-norm layer.
+
+    ``(scale, shift)`` of shape ``(C,)`` with eval output ``act(x * scale + shift)`` per channel, or
+    ``None`` when eval is not such a map (a torch layer without running statistics).
+    """
+    if hasattr(layer, "eval_affine"):
+        return layer.eval_affine(dtype)
+    if layer.running_mean is None or layer.running_var is None:
+        return None
+    scale = torch.rsqrt(layer.running_var.detach().to(dtype) + layer.eps)
+    if layer.weight is not None:
+        scale = scale * layer.weight.detach().to(dtype)
+    shift = -layer.running_mean.detach().to(dtype) * scale
+    if layer.bias is not None:
+        shift = shift + layer.bias.detach().to(dtype)
+    return scale, shift
+
+
+def _norm_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Batch-norm layers (bnkit, ``torch.nn``) and bnkit's FrozenBatchNorm layers of ``model``."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, _NORM)]
 
 
 @dataclass
@@ -81,7 +111,7 @@ class _LeafTracer(torch.fx.Tracer):
     """Keeps batch-norm layers (bnkit's live outside ``torch.nn``) and conv/linear layers opaque."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, (_BatchNorm,) + _FOLDABLE) or super().is_leaf_module(m, qualname)
+        return isinstance(m, _NORM + _FOLDABLE) or super().is_leaf_module(m, qualname)
 
 
 def _fx_candidates(model: nn.Module) -> dict[str, str | NotFolded]:
@@ -93,7 +123,7 @@ def _fx_candidates(model: nn.Module) -> dict[str, str | NotFolded]:
             calls[node.target] = calls.get(node.target, 0) + 1
     out: dict[str, str | NotFolded] = {}
     for node in graph.nodes:
-        if node.op != "call_module" or not isinstance(model.get_submodule(node.target), _BatchNorm):
+        if node.op != "call_module" or not isinstance(model.get_submodule(node.target), _NORM):
             continue
         bn = node.target
         src = node.args[0] if node.args else None
@@ -133,7 +163,7 @@ def _sequential_candidates(model: nn.Module) -> dict[str, str]:
         for (a_name, a), (b_name, b) in zip(items, items[1:]):
             p_name, producer = _edge_leaf(a, a_name, last=True)
             c_name, consumer = _edge_leaf(b, b_name, last=False)
-            if isinstance(consumer, _BatchNorm) and isinstance(producer, _FOLDABLE):
+            if isinstance(consumer, _NORM) and isinstance(producer, _FOLDABLE):
                 out[c_name] = p_name
     return out
 
@@ -144,22 +174,56 @@ def _out_channels(layer: nn.Module) -> int:
     return layer.out_channels
 
 
-def _why_not_foldable(bn: _BatchNorm, layer: nn.Module, producer: str) -> str | None:
-    if bn.running_mean is None or bn.running_var is None:
+def _wrong_axis_reason(bn: nn.Module, layer: nn.Module, producer: str) -> str | None:
+    """Why ``bn`` does not normalize the producer's output channels, or None when it does."""
+    axis = getattr(bn, "axis", 1)  # bnkit layers may normalize another dimension; the rest use dimension 1
+    if isinstance(layer, nn.Linear):
+        # (N, features): dimension 1 is the last; axis=-1 is the last whatever the rank (see fold's caveat)
+        if axis in (1, -1):
+            return None
+        where = "the last dimension"
+    else:
+        ndim = layer.weight.dim()  # a conv's output has as many dimensions as its weight: (N, C, *spatial)
+        if axis in (1, 1 - ndim):
+            return None
+        where = "dimension 1"
+    return (f"it normalizes axis={axis}, but the output channels of {producer} ({type(layer).__name__}) are "
+            f"{where} of its output; the conv/linear weight cannot scale that dimension")
+
+
+def not_affine_reason(bn: nn.Module) -> str:
+    """Why ``eval_affine(bn)`` is None, in words (fold and to_keras report it)."""
+    if getattr(bn, "running_mean", None) is None or getattr(bn, "running_var", None) is None:
         return ("it has no running statistics (track_running_stats=False): it normalizes with batch statistics "
                 "even in eval, which no fixed weight can reproduce")
+    if isinstance(bn.running_mean, nn.parameter.UninitializedBuffer):
+        return "it is a lazy layer that has not been initialized; run one forward first"
+    if getattr(bn, "example_weight", None) is not None:
+        return (f"example_weight={bn.example_weight!r}: eval mixes each example's own statistics into the "
+                f"running ones, which no fixed weight can reproduce")
+    return "its eval output is not a fixed per-channel affine map (eval_affine() is None)"
+
+
+def _fold_map(bn: nn.Module, layer: nn.Module, producer: str) -> tuple[torch.Tensor, torch.Tensor] | str:
+    """The float64 ``(scale, shift)`` to fold into ``layer``, or the reason it cannot be folded exactly."""
     if torch.nn.utils.parametrize.is_parametrized(layer, "weight"):
         return f"the weight of {producer} is parametrized (e.g. weight/spectral norm); remove the parametrization first"
     if isinstance(layer.weight, nn.parameter.UninitializedParameter):
         return f"{producer} is a lazy layer that has not been initialized; run one forward first"
+    affine = eval_affine(bn, torch.float64)
+    if affine is None:
+        return not_affine_reason(bn)
+    wrong_axis = _wrong_axis_reason(bn, layer, producer)
+    if wrong_axis:
+        return wrong_axis
     if _out_channels(layer) != bn.num_features:
         return f"{producer} has {_out_channels(layer)} output channels but the layer normalizes {bn.num_features}"
-    if not (torch.isfinite(bn.running_mean).all() and torch.isfinite(bn.running_var).all()):
-        return "its running statistics contain NaN/Inf"
-    return None
+    if not (torch.isfinite(affine[0]).all() and torch.isfinite(affine[1]).all()):
+        return "its running statistics or affine parameters contain NaN/Inf"
+    return affine
 
 
-def _activation_module(bn: _BatchNorm) -> nn.Module:
+def _activation_module(bn: nn.Module) -> nn.Module:
     """What replaces the folded layer: Identity, or the activation a bnkit layer applied after its affine."""
     activation = getattr(bn, "activation", "identity")
     if activation == "relu":
@@ -172,16 +236,11 @@ def _activation_module(bn: _BatchNorm) -> nn.Module:
 
 
 @torch.no_grad()
-def _fold_into(layer: nn.Module, bn: _BatchNorm) -> None:
-    """Rewrite ``layer``'s weight and bias so that ``layer(x)`` equals ``bn.eval()(layer(x))`` before the call."""
+def _fold_into(layer: nn.Module, scale: torch.Tensor, shift: torch.Tensor) -> None:
+    """Rewrite ``layer``'s weight and bias so that ``layer(x)`` equals ``layer(x) * scale + shift`` (per output
+    channel) before the call; ``scale``, ``shift`` in float64."""
     w = layer.weight
-    f64 = dict(dtype=torch.float64, device=w.device)
-    scale = torch.rsqrt(bn.running_var.to(**f64) + bn.eps)
-    if bn.weight is not None:
-        scale = scale * bn.weight.to(**f64)
-    shift = -bn.running_mean.to(**f64) * scale
-    if bn.bias is not None:
-        shift = shift + bn.bias.to(**f64)
+    scale, shift = scale.to(w.device), shift.to(w.device)
     w64 = w.to(torch.float64)
     if isinstance(layer, _CONV_T):
         # ConvTranspose weights are (in, out/groups, *k): output channel g*(out/groups)+j lives in
@@ -209,10 +268,13 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
 def fold(model: nn.Module, inplace: bool = False) -> tuple[nn.Module, FoldReport]:
     """Fold every batch-norm layer that follows a conv/linear layer into it, for inference.
 
-    Works on bnkit and ``torch.nn`` batch-norm layers after ``Conv1d/2d/3d``, ``ConvTranspose1d/2d/3d``
-    (any ``groups``, ``dilation``, ``stride``, ``padding``, with or without bias) and ``Linear``.
-    The folded model's eval output equals the unfolded model's eval output (float rounding only);
-    folding always uses the running statistics, i.e. eval behaviour, whatever the layer's mode.
+    Works on bnkit and ``torch.nn`` batch-norm layers and bnkit's ``FrozenBatchNorm*d`` after
+    ``Conv1d/2d/3d``, ``ConvTranspose1d/2d/3d`` (any ``groups``, ``dilation``, ``stride``, ``padding``,
+    with or without bias) and ``Linear``. The folded model's eval output equals the unfolded model's
+    eval output (float rounding only); folding always uses the running statistics, i.e. eval
+    behaviour, whatever the layer's mode. A layer whose eval is not a fixed per-channel affine map
+    (:func:`eval_affine` is ``None``: no running statistics, ``example_weight``), or that normalizes
+    another dimension than the producer's channels (a bnkit ``axis``), is left in place and reported.
 
     Args:
         model: any module; torch.fx-traceable models and ``nn.Sequential`` chains (nested too).
@@ -237,7 +299,7 @@ def fold(model: nn.Module, inplace: bool = False) -> tuple[nn.Module, FoldReport
         raise TypeError(f"fold: expected an nn.Module, got {type(model).__name__}")
     if not inplace:
         model = copy.deepcopy(model)
-    layers = batch_norm_layers(model)
+    layers = _norm_layers(model)
     try:
         candidates = _fx_candidates(model)
         report = FoldReport("fx")
@@ -261,14 +323,15 @@ def fold(model: nn.Module, inplace: bool = False) -> tuple[nn.Module, FoldReport
             continue
         layer = model.get_submodule(found)
         shared = [n for n, m in ((name, bn), (found, layer)) if uses[id(m)] > 1]
-        reason = (f"{shared[0]} is shared (registered {uses[id(model.get_submodule(shared[0]))]} times in the model)"
-                  if shared else _why_not_foldable(bn, layer, found))
-        if reason:
-            report.not_folded.append(NotFolded(name, reason))
+        folding = (f"{shared[0]} is shared (registered {uses[id(model.get_submodule(shared[0]))]} times in the model)"
+                   if shared else _fold_map(bn, layer, found))
+        if isinstance(folding, str):  # the reason it cannot fold exactly
+            report.not_folded.append(NotFolded(name, folding))
             continue
-        _fold_into(layer, bn)
+        _fold_into(layer, *folding)
         replacement = _activation_module(bn)
         _replace(model, name, replacement)
-        note = "was in training mode; folded with its running statistics (eval behaviour)" if bn.training else ""
+        note = ("was in training mode; folded with its running statistics (eval behaviour)"
+                if bn.training and isinstance(bn, _BatchNorm) else "")
         report.folded.append(FoldedPair(name, found, type(layer).__name__, type(replacement).__name__, note))
     return model, report

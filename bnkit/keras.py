@@ -27,7 +27,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .nn import BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormBase
+from .fold import eval_affine, not_affine_reason
+from .nn import BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormBase, FrozenBatchNorm
 
 __all__ = ["from_keras", "to_keras"]
 
@@ -119,6 +120,7 @@ def from_keras(weights, ndim: int | None = None, *, epsilon: float | None = None
     ('BatchNorm2d', 0.001, 0.01, 'decay', 'biased')
     """
     settings = _layer_settings(weights) if _is_keras_layer(weights) else {}
+    source = f"from_keras({type(weights).__name__} {getattr(weights, 'name', '')!r})" if settings else "from_keras"
     if settings:
         weights = weights.get_weights()
     center = settings.get("center") if center is None else center
@@ -132,8 +134,14 @@ def from_keras(weights, ndim: int | None = None, *, epsilon: float | None = None
     sizes = {k: tuple(t.shape) for k, t in tensors.items()}
     channels = tensors["moving_mean"].numel()
     if any(len(s) != 1 or s[0] != channels for s in sizes.values()) or channels == 0:
-        raise ValueError(f"from_keras: every weight must be a 1-D array of the same positive length (the "
+        raise ValueError(f"{source}: every weight must be a 1-D array of the same positive length (the "
                          f"channel count), got shapes {sizes}")
+    bad = (~(tensors["moving_variance"] >= 0)).nonzero().flatten().tolist()  # negative or NaN
+    if bad:
+        raise ValueError(f"{source}: moving_variance must be >= 0, got "
+                         f"{tensors['moving_variance'][bad[:5]].tolist()} in channel(s) {bad[:5]}"
+                         f"{' ...' if len(bad) > 5 else ''}; eval would divide by the square root of a "
+                         f"negative number (NaN)")
     layer = _CLASS_FOR_NDIM[ndim](
         channels, eps=settings.get("epsilon", 1e-3) if epsilon is None else epsilon,
         decay=settings.get("momentum", 0.99) if momentum is None else momentum,
@@ -151,28 +159,53 @@ def from_keras(weights, ndim: int | None = None, *, epsilon: float | None = None
     return layer
 
 
-def to_keras(layer: BatchNormBase | torch.nn.modules.batchnorm._BatchNorm) -> tuple[list, dict]:
+def _keras_activation(layer) -> str:
+    """The Keras layer that applies ``layer``'s fused activation, as code."""
+    if layer.activation == "leaky_relu":
+        return f"keras.layers.LeakyReLU(negative_slope={layer.negative_slope!r})"
+    return f"keras.layers.Activation({layer.activation!r})"
+
+
+def to_keras(layer: BatchNormBase | FrozenBatchNorm | torch.nn.modules.batchnorm._BatchNorm, *,
+             split_activation: bool = False) -> tuple[list, dict]:
     """``(weights, config)`` for ``keras.layers.BatchNormalization(**config).set_weights(weights)``.
 
-    ``weights`` is the float32 NumPy list in ``get_weights()`` order; ``config`` holds ``epsilon``,
-    ``momentum`` (Keras's convention, ``1 - torch momentum``), ``center`` and ``scale``. The channel
-    axis is left to the caller (Keras's default -1 is channels last). The running variance is copied
-    as it is: torch's unbiased estimate and Keras's biased one estimate the same population variance.
-    A momentum schedule is not carried over (its base momentum is).
+    ``weights`` is the float32 NumPy list in ``get_weights()`` order (gamma only with ``scale``, beta
+    only with ``center``); ``config`` holds ``epsilon``, ``momentum`` (Keras's convention, ``1 - torch
+    momentum``), ``center`` (the layer has a bias) and ``scale`` (it has a weight). The channel axis is
+    left to the caller (Keras's default -1 is channels last). The running variance is copied as it is:
+    torch's unbiased estimate and Keras's biased one estimate the same population variance. A momentum
+    schedule is not carried over (its base momentum is). A ``FrozenBatchNorm*d`` gives
+    ``trainable=False`` (Keras then always uses the moving statistics) and Keras's default momentum.
+
+    Refused, with the reason: no running statistics, ``momentum=None``, or an eval that is not the
+    plain per-channel map Keras computes (``example_weight``; see :meth:`bnkit.BatchNormBase.eval_affine`).
+    A bnkit ``activation=`` (relu, leaky_relu, silu) has no place in Keras's layer: it is refused
+    unless ``split_activation=True``, which returns the batch norm alone; then add the Keras layer
+    the error message names (e.g. ``keras.layers.Activation("relu")``) after it.
 
     >>> weights, config = to_keras(torch.nn.BatchNorm2d(2))
     >>> [w.tolist() for w in weights], config
     ([[1.0, 1.0], [0.0, 0.0], [0.0, 0.0], [1.0, 1.0]], {'epsilon': 1e-05, 'momentum': 0.9, 'center': True, 'scale': True})
     """
     name = f"to_keras({type(layer).__name__}({layer.num_features}))"
-    if layer.running_mean is None or layer.running_var is None:
-        raise ValueError(f"{name}: the layer has no running statistics (track_running_stats=False); Keras "
-                         f"layers always keep moving statistics")
-    if layer.momentum is None:
+    if eval_affine(layer) is None:
+        raise ValueError(f"{name}: {not_affine_reason(layer)}; a Keras BatchNormalization layer always "
+                         f"normalizes with its moving statistics in inference")
+    frozen = isinstance(layer, FrozenBatchNorm)
+    if not frozen and layer.momentum is None:
         raise ValueError(f"{name}: momentum=None (cumulative average) has no Keras equivalent; set "
                          f"layer.momentum (torch convention) before converting")
-    tensors = [layer.weight, layer.bias] if layer.affine else []
+    activation = getattr(layer, "activation", "identity")
+    if activation != "identity" and not split_activation:
+        raise ValueError(f"{name}: activation={activation!r} is applied after the batch norm, and Keras's "
+                         f"BatchNormalization has none; pass split_activation=True and put "
+                         f"{_keras_activation(layer)} after the Keras layer")
+    scale, center = layer.weight is not None, layer.bias is not None
+    tensors = [t for t, on in ((layer.weight, scale), (layer.bias, center)) if on]
     weights = [t.detach().cpu().float().numpy() for t in tensors + [layer.running_mean, layer.running_var]]
-    config = {"epsilon": float(layer.eps), "momentum": round(1.0 - layer.momentum, 15),
-              "center": bool(layer.affine), "scale": bool(layer.affine)}
+    config = {"epsilon": float(layer.eps), "momentum": 0.99 if frozen else round(1.0 - layer.momentum, 15),
+              "center": center, "scale": scale}
+    if frozen:
+        config["trainable"] = False
     return weights, config

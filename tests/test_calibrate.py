@@ -363,8 +363,8 @@ def test_bad_input_raises_before_any_change():
         bnkit.calibrate(model, (torch.randn(3, 2) for _ in range(2)), mode="eval_consistent", progress=False)
     with torch.inference_mode(), pytest.raises(ValueError, match="inference_mode"):
         bnkit.calibrate(model, [torch.randn(3, 2)], mode="eval_consistent", progress=False)
-    with pytest.raises(ValueError, match="more than 1 value per channel"):
-        bnkit.calibrate(model, [torch.randn(3, 2), torch.randn(1, 2)], num_batches=None, progress=False)
+    with pytest.raises(ValueError, match="every batch gave some layer a single value per channel"):
+        bnkit.calibrate(model, [torch.randn(1, 2), torch.randn(1, 2)], num_batches=None, progress=False)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     # a generator is fine for the one-pass mode
     bnkit.calibrate(model, (torch.randn(3, 2) for _ in range(2)), num_batches=None, progress=False)
@@ -402,7 +402,7 @@ def test_progress_prints_only_when_asked(capsys):
 
 
 def test_report_changes_are_relative_to_the_old_statistics():
-    model = nn.Sequential(bnkit.BatchNorm1d(1, eps=0.0))
+    model = nn.Sequential(bnkit.BatchNorm1d(1, eps=1e-12))
     model[0].running_mean.fill_(1.0)
     model[0].running_var.fill_(4.0)
     x = torch.tensor([[3.0], [5.0]])  # mean 4, unbiased var 2
@@ -474,3 +474,42 @@ def test_distributed_gloo_two_ranks_equal_single_process_on_the_union(tmp_path):
         a, b = ranks[0]["layer unused on rank 1"][0][key], ranks[1]["layer unused on rank 1"][0][key]
         assert torch.equal(a, b), key
         torch.testing.assert_close(a, value)
+
+
+@pytest.mark.parametrize("mode", ["precise", "eval_consistent"])
+def test_last_batch_of_one_sample_is_left_out_with_a_warning(mode):
+    """33 samples in batches of 8 (DataLoader, drop_last=False): the last batch gives the BatchNorm1d layers
+    one value per channel. Reference: float64 statistics of the 4 full batches (torch's update_bn raises here)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 2), bnkit.BatchNorm1d(2)).double()
+    x = torch.randn(33, 3, dtype=torch.float64) * 2 + 1
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x), batch_size=8)
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+        torch.optim.swa_utils.update_bn(loader, copy.deepcopy(model))
+    reference = _pooled_inputs(model, list(x[:32].split(8)), train_bn=mode == "precise")
+    if mode == "eval_consistent":  # upstream layers normalize with their new (population) statistics
+        full = copy.deepcopy(model)
+        bnkit.calibrate(full, list(x[:32].split(8)), num_batches=None, mode=mode, progress=False)
+        reference = _pooled_inputs(full, list(x[:32].split(8)), train_bn=False)
+    with pytest.warns(RuntimeWarning, match=r"1 batch\(es\) gave a layer a single value per channel \(batch 4: "
+                                            r"1 sample\(s\), layer '1'\).*drop_last=True"):
+        report = bnkit.calibrate(model, loader, num_batches=None, mode=mode, progress=False)
+    _assert_running_equals(model, reference)
+    assert report.batches == 4 and report.single_value_batches == 1 and report.skipped_batches == 0
+    assert [layer.samples for layer in report.layers] == [32, 32]
+    assert "1 left out (one value per channel)" in " ".join(str(report).split())
+
+
+def test_last_batch_of_one_sample_with_spatial_positions_is_pooled():
+    """One sample of 4x4 positions gives 16 values per channel: pooled like any batch (float64 of all 33)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3)).double()
+    x = torch.randn(33, 2, 6, 6, dtype=torch.float64)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x), batch_size=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        report = bnkit.calibrate(model, loader, num_batches=None, progress=False)
+    with torch.no_grad():
+        z = model[0](x).transpose(0, 1).reshape(3, -1)
+    _assert_running_equals(model, [(z.mean(1), z.var(1, unbiased=True))])
+    assert report.batches == 5 and report.single_value_batches == 0 and report.layers[0].samples == 33 * 16

@@ -25,8 +25,9 @@ def run(capsys, *argv):
     return rc, out, err
 
 
-def _one_line_error(rc, err, *fragments):
-    assert rc == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+def _one_line_error(rc, err, *fragments, status=2):
+    """Usage errors exit 2, files or data that cannot be used exit 1; either way one line, no traceback."""
+    assert rc == status and err.count("\n") == 1 and "Traceback" not in err, (rc, err)
     for f in fragments:
         assert f in err, err
 
@@ -53,11 +54,13 @@ def test_momentum_conversions(capsys):
 
 def test_doctor_on_a_saved_model(capsys, digits_model, tmp_path, calibrate):
     out_dir = tmp_path / "rep"
-    rc, out, _ = run(capsys, "doctor", str(digits_model), "--demo-data", "--out", str(out_dir))
+    rc, out, err = run(capsys, "doctor", str(digits_model), "--trust-pickle", "--demo-data", "--out", str(out_dir))
     assert rc == 0 and "EMA running statistics differ" in out and (out_dir / "index.html").is_file()
+    assert err.count("\n") == 1 and "--trust-pickle: unpickling" in err and "runs whatever code" in err
     _one_line_error(*run(capsys, "doctor", str(digits_model), "--demo-data", "--out", str(out_dir))[::2],
                     "exists", "--force")
-    rc, _, _ = run(capsys, "doctor", str(digits_model), "--demo-data", "--out", str(out_dir), "--force", "--strict")
+    rc, _, _ = run(capsys, "doctor", str(digits_model), "--trust-pickle", "--demo-data", "--out", str(out_dir),
+                   "--force", "--strict")
     assert rc == 1  # --strict: an error finding fails the command
 
 
@@ -70,18 +73,19 @@ def test_doctor_on_torchscript_with_a_data_file(capsys, tmp_path, calibrate):
 
 
 def test_doctor_bad_input(capsys, digits_model, tmp_path):
-    _one_line_error(*run(capsys, "doctor", str(tmp_path / "nope.pt"), "--demo-data")[::2], "no such file")
+    _one_line_error(*run(capsys, "doctor", str(tmp_path / "nope.pt"), "--demo-data")[::2], "no such file", status=1)
     (tmp_path / "junk.pt").write_bytes(b"not a model")
-    _one_line_error(*run(capsys, "doctor", str(tmp_path / "junk.pt"), "--demo-data")[::2], "cannot read model file")
+    _one_line_error(*run(capsys, "doctor", str(tmp_path / "junk.pt"), "--demo-data")[::2], "cannot read model file",
+                    status=1)
     torch.save(nn.BatchNorm2d(3).state_dict(), tmp_path / "sd.pt")
     _one_line_error(*run(capsys, "doctor", str(tmp_path / "sd.pt"), "--demo-data")[::2], "state_dict",
-                    "torch.save(model, path)")
+                    "torch.jit.save", status=1)
     torch.save(torch.randn(10, 3, 8, 8), tmp_path / "wrong.pt")
-    _one_line_error(*run(capsys, "doctor", str(digits_model), "--data", str(tmp_path / "wrong.pt"))[::2],
-                    "cannot take the data", "(3, 8, 8)")
+    _, err = run(capsys, "doctor", str(digits_model), "--trust-pickle", "--data", str(tmp_path / "wrong.pt"))[::2]
+    _one_line_error(1, err.split("\n", 1)[1], "cannot take the data", "(3, 8, 8)", status=1)  # after the warning
     torch.save(torch.arange(10), tmp_path / "ints.pt")
-    _one_line_error(*run(capsys, "doctor", str(digits_model), "--data", str(tmp_path / "ints.pt"))[::2],
-                    "expected a floating-point tensor")
+    _, err = run(capsys, "doctor", str(digits_model), "--trust-pickle", "--data", str(tmp_path / "ints.pt"))[::2]
+    _one_line_error(1, err.split("\n", 1)[1], "expected a floating-point tensor", status=1)
     with pytest.raises(CLIError):  # --debug: the exception itself, with its traceback
         main(["doctor", str(tmp_path / "nope.pt"), "--demo-data", "--debug"])
 
@@ -120,7 +124,73 @@ def test_python_dash_m_bnkit():
     ok = _subprocess("momentum", "--torch", "0.1")
     assert ok.returncode == 0 and "decay=0.9)" in ok.stdout
     bad = _subprocess("doctor", "missing-model.pt", "--demo-data")
-    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "Traceback" not in bad.stderr
+    assert bad.returncode == 1 and bad.stderr.strip().count("\n") == 0 and "Traceback" not in bad.stderr
     assert "missing-model.pt" in bad.stderr
     debug = _subprocess("doctor", "missing-model.pt", "--demo-data", "--debug")
     assert debug.returncode == 1 and "Traceback" in debug.stderr
+
+
+class _Planted:
+    """Unpickling this object creates a marker file: what a malicious model file could do."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return exec, (f"open({self.marker!r}, 'w').close()",)
+
+
+def test_a_pickled_file_runs_no_code_without_trust_pickle(capsys, tmp_path):
+    marker = tmp_path / "marker"
+    torch.save(_Planted(marker), tmp_path / "planted.pt")
+    _one_line_error(*run(capsys, "doctor", str(tmp_path / "planted.pt"), "--demo-data")[::2],
+                    "pickled Python object", "exec", "--trust-pickle", status=1)
+    assert not marker.exists()
+    # The same file as plain pickle protocol 4 (no torch zip container) is refused too.
+    import pickle
+    with open(tmp_path / "planted.pkl", "wb") as f:
+        pickle.dump(_Planted(marker), f, protocol=4)
+    _one_line_error(*run(capsys, "doctor", str(tmp_path / "planted.pkl"), "--demo-data")[::2], "--trust-pickle",
+                    status=1)
+    assert not marker.exists()
+    # With the flag the user chose to run it: the warning says so, and the code did run.
+    rc, _, err = run(capsys, "doctor", str(tmp_path / "planted.pt"), "--trust-pickle", "--demo-data")
+    assert rc == 1 and "warning: --trust-pickle" in err and "not a torch.nn.Module" in err
+    assert marker.exists()
+
+
+def test_torchscript_and_safetensors_load_without_the_flag(capsys, tmp_path):
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU()).eval()
+    torch.jit.save(torch.jit.script(model), tmp_path / "m.ts")
+    rc, out, err = run(capsys, "doctor", str(tmp_path / "m.ts"), "--demo-data", "--num-batches", "2")
+    assert rc == 0 and "TorchScript" in out and err == ""
+    safetensors = pytest.importorskip("safetensors.torch")
+    safetensors.save_file(model.state_dict(), str(tmp_path / "m.safetensors"))
+    _one_line_error(*run(capsys, "doctor", str(tmp_path / "m.safetensors"), "--demo-data")[::2],
+                    "holds a state_dict", status=1)
+
+
+@pytest.mark.parametrize("options,fragment", [
+    (["--batch-size", "0"], "--batch-size: expected a positive integer, got 0"),
+    (["--num-batches", "-1"], "--num-batches: expected a positive integer, got -1"),
+    (["--num-batches", "x"], "expected a positive integer, got 'x'"),
+    (["--mode", "fast"], "invalid choice: 'fast'"),
+    (["--no-such-option"], "unrecognized arguments"),
+])
+def test_usage_errors_exit_2(capsys, tmp_path, options, fragment):
+    torch.jit.save(torch.jit.script(nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4))), tmp_path / "m.ts")
+    _one_line_error(*run(capsys, "doctor", str(tmp_path / "m.ts"), "--demo-data", *options)[::2], fragment, status=2)
+
+
+@pytest.mark.parametrize("data,fragment", [
+    (torch.randn(0, 1, 8, 8), "0 samples"),
+    (torch.full((16, 1, 8, 8), float("nan")), "not finite"),
+    ((torch.randn(16, 1, 8, 8) * torch.tensor([1.0] * 15 + [float("inf")]).view(16, 1, 1, 1), torch.zeros(16)),
+     "sample 15"),
+])
+def test_bad_data_exits_1(capsys, tmp_path, data, fragment):
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU()).eval()
+    torch.jit.save(torch.jit.script(model), tmp_path / "m.ts")
+    torch.save(data, tmp_path / "data.pt")
+    _one_line_error(*run(capsys, "doctor", str(tmp_path / "m.ts"), "--data", str(tmp_path / "data.pt"))[::2],
+                    fragment, status=1)

@@ -147,3 +147,44 @@ def test_torchscript_models_get_the_configuration_checks(tmp_path):
     scripted_report = doctor(torch.jit.load(tmp_path / "s.pt"), _data())
     assert scripted_report.summary["output_gap_train_vs_eval"] > 0
     assert "Keras" in _codes(scripted_report, "1")  # a scripted layer keeps its momentum
+
+
+@pytest.mark.parametrize("kwargs,fragment", [
+    (dict(data=torch.randn(0, 3, 8, 8)), "0 samples"),
+    (dict(data=[torch.randn(0, 3, 8, 8), torch.randn(0, 3, 8, 8)]), "0 samples"),
+    (dict(data=torch.full((64, 3, 8, 8), float("nan"))), "not finite: 12288 NaN/Inf"),
+    (dict(data=[torch.randn(8, 3, 8, 8), (torch.randn(8, 3, 8, 8).index_fill(0, torch.tensor([5]), float("inf")),
+                                          torch.zeros(8))]), "the first in sample 5 of batch 1"),
+    (dict(data=_data(), num_batches=0), "num_batches must be a positive int, got 0"),
+    (dict(data=_data(), batch_size=0), "batch_size must be a positive int, got 0"),
+    (dict(data=_data(), batch_size=True), "batch_size must be a positive int, got True"),
+    (dict(data=_data(), mode="fast"), "mode must be one of ('precise', 'eval_consistent'), got 'fast'"),
+])
+def test_bad_data_and_arguments_are_refused_before_any_measurement(kwargs, fragment):
+    model = _model().eval()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError) as e:
+        doctor(model, **kwargs)
+    assert fragment in str(e.value) and str(e.value).startswith("doctor: ")
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_train_eval_gap_follows_the_layers_axis_and_eval_map():
+    # axis=-1 on (N, L, C) data: the gap is measured over the layer's channels (was: dimension 1)
+    torch.manual_seed(0)
+    layer = bnkit.BatchNorm1d(5, axis=-1)
+    model = nn.Sequential(nn.Linear(3, 5), layer).eval()
+    with torch.no_grad():
+        layer.running_mean.fill_(10.0)  # stale: eval output is far from the training output
+    x = torch.randn(32, 7, 3)
+    report = doctor(model, x, batch_size=32, num_batches=1)
+    d = {d.name: d for d in report.layers}["1"]
+    with torch.no_grad():
+        z = model[0](x)
+        y_train = (z - z.mean((0, 1))) / torch.sqrt(z.var((0, 1), unbiased=False) + 1e-5)
+        y_eval = (z - 10.0) / torch.sqrt(torch.ones(5) + 1e-5)
+    want = float((y_train - y_eval).pow(2).mean().sqrt() / y_train.pow(2).mean().sqrt())
+    assert d.train_eval_gap == pytest.approx(want, rel=1e-4)
+    # example_weight: eval is not the running-statistics map, so that gap is not claimed
+    model[1] = bnkit.BatchNorm1d(5, axis=-1, example_weight=0.5)
+    assert {d.name: d for d in doctor(model, x, batch_size=32, num_batches=1).layers}["1"].train_eval_gap is None

@@ -82,3 +82,42 @@ def test_bad_domain():
             pass
     with pytest.raises(ValueError, match="num_domains must be a positive int"):
         bnkit.DomainBatchNorm2d(3, 0)
+
+
+def _per_domain_checkpoint(same: bool):
+    per_domain = bnkit.DomainBatchNorm2d(3, num_domains=2, shared_affine=False)
+    with torch.no_grad():
+        for d, layer in enumerate(per_domain.domains):
+            layer.weight.copy_(torch.tensor([1.0, 2.0, 3.0]) + (0 if same else d))
+            layer.bias.copy_(torch.tensor([0.5, -0.5, 0.0]))
+            layer.running_mean.fill_(d + 1.0)
+    return per_domain.state_dict()
+
+
+def test_shared_affine_refuses_a_checkpoint_with_different_per_domain_affine():
+    shared = bnkit.DomainBatchNorm2d(3, num_domains=2, shared_affine=True)
+    model = nn.Sequential(nn.Conv2d(1, 3, 1), shared)
+    before = {k: v.clone() for k, v in shared.state_dict().items()}
+    state = {f"1.{k}": v for k, v in _per_domain_checkpoint(same=False).items()} | {
+        f"0.{k}": v for k, v in model[0].state_dict().items()}
+    with pytest.raises(ValueError, match=r"DomainBatchNorm2d\(3, num_domains=2\) \(1\): shared_affine=True keeps one "
+                                         r"weight for all domains, but the checkpoint's weight of domain\(s\) \[1\] "
+                                         r"differs from domain 0's.*shared_affine=False"):
+        model.load_state_dict(state)
+    assert all(torch.equal(v, shared.state_dict()[k]) for k, v in before.items())  # nothing of the layer loaded
+
+
+def test_shared_affine_loads_a_per_domain_checkpoint_with_equal_affine_exactly():
+    shared = bnkit.DomainBatchNorm2d(3, num_domains=2, shared_affine=True)
+    state = _per_domain_checkpoint(same=True)
+    shared.load_state_dict(state)
+    assert all(torch.equal(v, state[k]) for k, v in shared.state_dict().items())
+    assert shared.domains[0].weight is shared.domains[1].weight  # still shared
+
+
+def test_bad_num_features_names_the_layer():
+    with pytest.raises(ValueError, match=r"DomainBatchNorm2d\(0, num_domains=2\): num_features must be a positive "
+                                         r"int, got 0"):
+        bnkit.DomainBatchNorm2d(0, num_domains=2)
+    with pytest.raises(ValueError, match=r"DomainBatchNorm1d\(True, num_domains=2\): num_features"):
+        bnkit.DomainBatchNorm1d(True, num_domains=2)

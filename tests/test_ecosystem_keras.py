@@ -138,3 +138,92 @@ def test_against_real_keras(keras, center, scale):
     k_back.set_weights(weights)
     y_back = np.asarray(keras.ops.convert_to_numpy(k_back(x, training=False)))
     np.testing.assert_allclose(y_back, y_k, rtol=1e-5, atol=1e-5)
+
+
+def _trained(layer, shape=(6, 3, 4, 4), seed=0):
+    torch.manual_seed(seed)
+    for _ in range(2):
+        layer(torch.randn(shape) * 2 + 1)
+    with torch.no_grad():
+        if layer.weight is not None:
+            layer.weight.uniform_(0.5, 2)
+    return layer.eval()
+
+
+def _keras_eval(weights, config, x_last):
+    """Keras's inference formula (see the module docstring) applied to (weights, config), float64."""
+    w = [np.asarray(a, np.float64) for a in weights]
+    gamma = w.pop(0) if config["scale"] else 1.0
+    beta = w.pop(0) if config["center"] else 0.0
+    return _keras_step(x_last, gamma, beta, w[0], w[1], config["momentum"], config["epsilon"], training=False)[0]
+
+
+def test_to_keras_without_bias_gives_center_false():
+    layer = _trained(bnkit.BatchNorm2d(3, bias=False))
+    weights, config = bnkit.to_keras(layer)
+    assert config["center"] is False and config["scale"] is True and len(weights) == 3
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    y = layer.double()(x).movedim(1, -1).detach().numpy()
+    np.testing.assert_allclose(_keras_eval(weights, config, x.movedim(1, -1).numpy()), y, rtol=1e-6, atol=1e-6)
+    torch_layer = _trained(torch.nn.BatchNorm2d(3, bias=False))  # torch.nn too
+    assert bnkit.to_keras(torch_layer)[1]["center"] is False
+
+
+def test_to_keras_frozen_batch_norm():
+    ref = _trained(torch.nn.BatchNorm2d(3))
+    frozen = bnkit.FrozenBatchNorm2d(3)
+    frozen.load_state_dict(ref.state_dict())
+    weights, config = bnkit.to_keras(frozen)
+    assert config == {"epsilon": 1e-5, "momentum": 0.99, "center": True, "scale": True, "trainable": False}
+    x = torch.randn(2, 3, 4, 4)
+    np.testing.assert_allclose(_keras_eval(weights, config, x.movedim(1, -1).double().numpy()),
+                               ref(x).movedim(1, -1).detach().numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_to_keras_refuses_what_keras_cannot_compute():
+    layer = _trained(bnkit.BatchNorm2d(3, activation="relu"))
+    with pytest.raises(ValueError, match=r"to_keras\(BatchNorm2d\(3\)\): activation='relu'.*split_activation=True.*"
+                                         r"keras.layers.Activation\('relu'\)"):
+        bnkit.to_keras(layer)
+    with pytest.raises(ValueError, match=r"keras.layers.LeakyReLU\(negative_slope=0.2\)"):
+        bnkit.to_keras(bnkit.BatchNorm2d(3, activation="leaky_relu", negative_slope=0.2))
+    weights, config = bnkit.to_keras(layer, split_activation=True)  # the batch norm alone; relu added by the user
+    x = torch.randn(2, 3, 4, 4)
+    y_keras = np.maximum(_keras_eval(weights, config, x.movedim(1, -1).double().numpy()), 0)
+    np.testing.assert_allclose(y_keras, layer(x).movedim(1, -1).detach().numpy(), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"to_keras\(BatchNorm2d\(3\)\): example_weight=0.5"):
+        bnkit.to_keras(bnkit.BatchNorm2d(3, example_weight=0.5))
+    with pytest.raises(ValueError, match=r"to_keras\(BatchNorm2d\(3\)\): it has no running statistics"):
+        bnkit.to_keras(torch.nn.BatchNorm2d(3, track_running_stats=False))
+
+
+def test_from_keras_refuses_negative_moving_variance():
+    w = [np.ones(3), np.zeros(3), np.zeros(3), np.array([1.0, -0.5, float("nan")])]
+    with pytest.raises(ValueError, match=r"from_keras: moving_variance must be >= 0, got \[-0.5, nan\] in "
+                                         r"channel\(s\) \[1, 2\]"):
+        bnkit.from_keras(w, ndim=4)
+
+
+def test_real_keras_negative_variance_names_the_layer_and_activation_split(keras):
+    k_layer = keras.layers.BatchNormalization(name="bn7")
+    k_layer.build((None, 4, 4, 3))
+    k_layer.set_weights([np.ones(3, np.float32), np.zeros(3, np.float32), np.zeros(3, np.float32),
+                         np.array([1.0, -2.0, 1.0], np.float32)])
+    with pytest.raises(ValueError, match=r"from_keras\(BatchNormalization 'bn7'\): moving_variance must be >= 0"):
+        bnkit.from_keras(k_layer)
+    layer = _trained(bnkit.BatchNorm2d(3, activation="relu", bias=False))
+    weights, config = bnkit.to_keras(layer, split_activation=True)
+    k_model = keras.Sequential([keras.Input((4, 4, 3)), keras.layers.BatchNormalization(**config),
+                                keras.layers.Activation("relu")])
+    k_model.layers[0].set_weights(weights)
+    x = torch.randn(2, 3, 4, 4)
+    y_k = np.asarray(keras.ops.convert_to_numpy(k_model(x.movedim(1, -1).numpy(), training=False)))
+    np.testing.assert_allclose(y_k, layer(x).movedim(1, -1).detach().numpy(), rtol=1e-5, atol=1e-5)
+    frozen = bnkit.FrozenBatchNorm2d(3)
+    frozen.load_state_dict(_trained(torch.nn.BatchNorm2d(3)).state_dict())
+    weights, config = bnkit.to_keras(frozen)
+    k_frozen = keras.layers.BatchNormalization(**config)
+    k_frozen.build((None, 4, 4, 3))
+    k_frozen.set_weights(weights)
+    y_k = np.asarray(keras.ops.convert_to_numpy(k_frozen(x.movedim(1, -1).numpy(), training=True)))  # frozen
+    np.testing.assert_allclose(y_k, frozen(x).movedim(1, -1).numpy(), rtol=1e-5, atol=1e-5)

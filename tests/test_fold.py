@@ -191,3 +191,133 @@ def test_module_registered_twice_is_not_folded_in_sequential_fallback():
     _, report = fold(model.eval())
     assert report.method == "sequential" and report.folded == []
     assert all("0 is shared (registered 2 times" in n.reason for n in report.not_folded), report
+
+
+# ---- eval_affine: the one decision whether eval is a plain per-channel affine map ----
+def _random_state(bn, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    c = bn.num_features
+    with torch.no_grad():
+        bn.running_mean.copy_(torch.randn(c, generator=gen) * 2)
+        bn.running_var.copy_(torch.rand(c, generator=gen) * 3 + 0.05)
+        for t in (bn.weight, bn.bias):
+            if t is not None:
+                t.copy_(torch.randn(c, generator=gen))
+    return bn
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"affine": False}, {"bias": False}, {"axis": -1}, {"eps": 1e-3}])
+def test_eval_affine_reproduces_eval_output(kwargs):
+    bn = _random_state(bnkit.BatchNorm2d(5, **kwargs)).eval()
+    x = torch.randn(3, 5, 4, 4) if bn.axis == 1 else torch.randn(3, 4, 4, 5)
+    scale, shift = bn.eval_affine()
+    assert scale.dtype == shift.dtype == torch.float32 and scale.shape == shift.shape == (5,)
+    view = (1, 5, 1, 1) if bn.axis == 1 else (1, 1, 1, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(x * scale.view(view) + shift.view(view), bn(x), rtol=1e-6, atol=1e-6)
+    # torch.nn with the same state (channel dimension 1) is the independent reference
+    ref = nn.BatchNorm2d(5, eps=bn.eps, affine=bn.affine).eval()
+    ref.load_state_dict({k: v for k, v in bn.state_dict().items()
+                         if k in ref.state_dict()} | ({"bias": torch.zeros(5)} if kwargs.get("bias") is False else {}),
+                        strict=True)
+    x1 = x if bn.axis == 1 else x.movedim(-1, 1)
+    with torch.no_grad():
+        want = ref(x1) if bn.axis == 1 else ref(x1).movedim(1, -1)
+    torch.testing.assert_close(bn(x), want, rtol=1e-6, atol=1e-6)
+
+
+def test_eval_affine_is_none_when_eval_is_not_a_fixed_map():
+    assert bnkit.BatchNorm2d(3, example_weight=0.5).eval_affine() is None
+    assert bnkit.BatchNorm2d(3, example_weight="auto").eval_affine() is None
+    assert bnkit.BatchNorm2d(3, track_running_stats=False).eval_affine() is None
+    assert bnkit.LazyBatchNorm2d().eval_affine() is None
+    scale, shift = bnkit.BatchNorm2d(3).eval_affine(torch.float64)  # fresh: 1 / sqrt(1 + eps), 0
+    assert scale.dtype == torch.float64
+    torch.testing.assert_close(scale, torch.full((3,), (1 + 1e-5) ** -0.5, dtype=torch.float64), rtol=1e-15, atol=0)
+    assert torch.equal(shift, torch.zeros(3, dtype=torch.float64))
+
+
+def test_frozen_eval_affine_matches_eval_torch():
+    ref = _random_state(nn.BatchNorm2d(4)).eval()
+    frozen = bnkit.FrozenBatchNorm2d(4)
+    frozen.load_state_dict(ref.state_dict())
+    scale, shift = frozen.eval_affine()
+    x = torch.randn(2, 4, 3, 3)
+    with torch.no_grad():
+        torch.testing.assert_close(x * scale.view(1, 4, 1, 1) + shift.view(1, 4, 1, 1), ref(x), rtol=1e-6, atol=1e-6)
+
+
+def _unchanged_and_reported(model, x, fragment):
+    model.eval()
+    with torch.no_grad():
+        want = model(x)
+        folded, report = fold(model)
+        got = folded.eval()(x)
+    assert report.folded == [] and len(report.not_folded) == 1, str(report)
+    assert fragment in report.not_folded[0].reason, str(report)
+    assert torch.equal(got, want)  # the layer stays: outputs bit-identical
+
+
+def test_example_weight_is_not_folded():
+    torch.manual_seed(0)
+    bn = _random_state(bnkit.BatchNorm2d(4, example_weight=0.5))
+    _unchanged_and_reported(nn.Sequential(nn.Conv2d(3, 4, 3), bn), torch.randn(2, 3, 6, 6), "example_weight=0.5")
+
+
+def test_axis_other_than_the_conv_channels_is_not_folded():
+    torch.manual_seed(0)
+    # out_channels == width: the shapes fit, but axis=-1 normalizes the width, not the conv's channels
+    bn = _random_state(bnkit.BatchNorm2d(5, axis=-1))
+    _unchanged_and_reported(nn.Sequential(nn.Conv2d(3, 5, 3, padding=1), bn), torch.randn(2, 3, 5, 5), "axis=-1")
+    bn = _random_state(bnkit.BatchNorm1d(6, axis=2))
+    _unchanged_and_reported(nn.Sequential(nn.Linear(4, 6), bn), torch.randn(2, 6, 4), "axis=2")
+
+
+def test_linear_then_axis_minus_one_folds_for_any_rank():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), _random_state(bnkit.BatchNorm1d(6, axis=-1))).eval()
+    x = torch.randn(3, 7, 4)  # (N, L, features): axis=-1 is the Linear's features
+    with torch.no_grad():
+        want = model(x)
+        folded, report = fold(model)
+        got = folded(x)
+    assert len(report.folded) == 1, str(report)
+    # float32: each output is a 4-term dot product plus the affine, rounded at ~6e-8 relative per step
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+
+
+def test_frozen_batch_norm_folds():
+    torch.manual_seed(0)
+    frozen = [bnkit.FrozenBatchNorm2d(4), bnkit.FrozenBatchNorm2d(6, activation="relu")]
+    for f in frozen:
+        f.load_state_dict(_random_state(nn.BatchNorm2d(f.num_features)).state_dict())
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), frozen[0], nn.ReLU(), nn.Conv2d(4, 6, 3, bias=False), frozen[1])
+    x = torch.randn(2, 3, 9, 9)
+    with torch.no_grad():
+        want = model(x)
+        folded, report = fold(model)
+        got = folded(x)
+    assert [(p.bn, p.replaced_by) for p in report.folded] == [("1", "Identity"), ("4", "ReLU")], str(report)
+    assert report.not_folded == [] and not any(isinstance(m, bnkit.FrozenBatchNorm) for m in folded.modules())
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+
+
+@pytest.mark.parametrize("make", [lambda: bnkit.BatchRenorm2d(4), lambda: bnkit.SyncBatchNorm(4),
+                                  lambda: bnkit.LazyBatchNorm2d(), lambda: bnkit.BatchNorm2d(4, virtual_batch_size=2),
+                                  lambda: bnkit.BatchNorm2d(4, activation="leaky_relu", negative_slope=0.2),
+                                  lambda: bnkit.BatchNorm2d(4, variance="biased", decay=0.9)],
+                         ids=["renorm", "sync", "lazy", "ghost", "leaky_relu", "keras_conventions"])
+def test_eval_affine_of_trained_variants_is_their_eval(make):
+    torch.manual_seed(0)
+    layer = make()
+    for _ in range(3):
+        layer.train()(torch.randn(6, 4, 3, 3) * 2 + 1)
+    with torch.no_grad():
+        layer.weight.uniform_(0.5, 2)
+        layer.bias.uniform_(-1, 1)
+        x = torch.randn(5, 4, 3, 3)
+        scale, shift = layer.eval_affine()
+        y = x * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
+        if layer.activation == "leaky_relu":
+            y = torch.nn.functional.leaky_relu(y, 0.2)
+        torch.testing.assert_close(layer.eval()(x), y, rtol=1e-6, atol=1e-6)

@@ -156,3 +156,18 @@ def test_convert_refuses_options_torch_cannot_represent_and_keeps_them_between_b
     bnkit.convert(model, to="sync")
     assert isinstance(model[0], bnkit.SyncBatchNorm)
     assert model[0].axis == -1 and model[0].variance == "biased"
+
+
+@pytest.mark.parametrize("eps", [-1.0, float("nan"), "1e-5", True])
+def test_frozen_refuses_a_bad_eps_naming_the_layer(eps):
+    with pytest.raises(ValueError, match=r"FrozenBatchNorm2d\(3\): eps must be a number >= 0"):
+        bnkit.FrozenBatchNorm2d(3, eps=eps)
+
+
+def test_frozen_eps_zero_equals_torch_eval():
+    bn = nn.BatchNorm2d(3, eps=0.0).eval()  # torch refuses eps=0 in training only
+    bn.load_state_dict(_trained_bn(nn.BatchNorm2d, 3, (4, 3, 5, 5)).state_dict())
+    frozen = bnkit.FrozenBatchNorm2d(3, eps=0.0)
+    frozen.load_state_dict(bn.state_dict())
+    x = torch.randn(2, 3, 5, 5)
+    torch.testing.assert_close(frozen(x), bn(x), rtol=1e-6, atol=1e-6)

@@ -34,12 +34,16 @@ def test_half_input_float32_stats_match_torch(dtype):
     torch.testing.assert_close(ours.running_mean, exact, rtol=1e-6, atol=1e-6)
 
 
+def _tensors(m):  # parameters and buffers, without state_dict()'s hooks (which report skipped batches)
+    return dict(list(m.named_parameters()) + list(m.named_buffers()))
+
+
 def _snapshot(m):
-    return {k: v.clone() for k, v in m.state_dict().items()}
+    return {k: v.detach().clone() for k, v in _tensors(m).items()}
 
 
 def _unchanged(m, snap):
-    return all(torch.equal(v, snap[k]) for k, v in m.state_dict().items())
+    return all(torch.equal(v, snap[k]) for k, v in _tensors(m).items())
 
 
 @pytest.mark.parametrize("layer,x,match", [
@@ -49,7 +53,6 @@ def _unchanged(m, snap):
     (bnkit.BatchNorm3d(4), torch.randn(2, 4, 4, 4), r"BatchNorm3d\(4\): expected 5-D input"),
     (bnkit.BatchNorm1d(4), torch.randn(1, 4), r"Expected more than 1 value per channel when training.*drop_last=True"),
     (bnkit.BatchNorm2d(4), torch.randn(1, 4, 1, 1), r"more than 1 value per channel.*GroupNorm"),
-    (bnkit.BatchNorm2d(4), torch.randn(0, 4, 3, 3), r"BatchNorm2d\(4\): got an empty batch"),
     (bnkit.BatchNorm2d(4), torch.randn(2, 4, 3, 3, dtype=torch.float64), r"weight has dtype torch.float32 but the input has dtype torch.float64"),
     (bnkit.BatchNorm2d(4), torch.ones(2, 4, 3, 3, dtype=torch.int64), r"expected a floating-point input"),
 ])
@@ -73,11 +76,50 @@ def test_empty_batch_in_eval_returns_empty_like_torch():
     assert ours(x).shape == theirs(x).shape == x.shape
 
 
+def test_empty_batch_in_training_like_torch():
+    """Detection/segmentation models send empty batches: empty output, gradients flow, statistics untouched."""
+    ours, theirs = bnkit.BatchNorm2d(4), torch.nn.BatchNorm2d(4)
+    x = torch.randn(0, 4, 3, 3, requires_grad=True)
+    y, y_ref = ours(x), theirs(x)
+    assert y.shape == y_ref.shape == x.shape
+    y.sum().backward()
+    assert x.grad.shape == x.shape and ours.weight.grad is not None
+    for name in ("running_mean", "running_var", "num_batches_tracked"):  # torch counts the empty batch too
+        assert torch.equal(getattr(ours, name), getattr(theirs, name)), name
+
+
+@pytest.mark.parametrize("eps", [-1.0, 0.0])
+def test_eps_is_checked_where_torch_checks_it(eps):
+    ours, theirs = bnkit.BatchNorm2d(3, eps=eps), torch.nn.BatchNorm2d(3, eps=eps)  # both construct
+    snap = _snapshot(ours)
+    x = torch.randn(2, 3, 2, 2)
+    with pytest.raises(ValueError, match="eps must be positive during training"):
+        theirs(x)
+    with pytest.raises(ValueError, match=r"BatchNorm2d\(3\): batch_norm eps must be positive during training"):
+        ours(x)
+    assert _unchanged(ours, snap)
+    ours.eval(), theirs.eval()
+    if eps < 0:
+        with pytest.raises(ValueError, match=r"BatchNorm2d\(3\): batch_norm eps must be non-negative"):
+            ours(x)
+    else:
+        torch.testing.assert_close(ours(x), theirs(x))
+
+
 def test_constructor_errors_name_the_layer():
     with pytest.raises(ValueError, match="num_features must be a positive int"):
         bnkit.BatchNorm2d(0)
-    with pytest.raises(ValueError, match=r"BatchNorm2d\(3\): eps must be >= 0"):
-        bnkit.BatchNorm2d(3, eps=-1.0)
+    with pytest.raises(ValueError, match="num_features must be a positive int"):
+        bnkit.BatchNorm2d(True)
+    with pytest.raises(ValueError, match="nonfinite must be one of"):
+        bnkit.BatchNorm2d(3, nonfinite="ignore")
+    with pytest.raises(TypeError, match=r"BatchNorm2d\(3\): axis must be an int"):
+        bnkit.BatchNorm2d(3, axis="x")
+    with pytest.raises(ValueError, match=r"BatchNorm2d\(3\): example_weight must be"):
+        bnkit.BatchNorm2d(3, example_weight="foo")
+    for kw in ({"momentum": 1.5}, {"decay": -0.1}, {"half_life": 0}):
+        with pytest.raises(ValueError, match=r"^BatchNorm2d\(3\): "):
+            bnkit.BatchNorm2d(3, **kw)
     with pytest.raises(ValueError, match="nonfinite must be one of"):
         bnkit.BatchNorm2d(3, nonfinite="ignore")
 
@@ -88,17 +130,35 @@ def _nan_batch():
     return x
 
 
-def test_nonfinite_skip_keeps_running_stats_and_warns_output_shows_nan():
-    bn = bnkit.BatchNorm2d(3, momentum=None)
+@pytest.mark.parametrize("momentum", [None, 0.1])
+def test_nonfinite_skip_keeps_running_stats_and_reports_without_a_sync(momentum):
+    bn = bnkit.BatchNorm2d(3, momentum=momentum)
     bn(torch.randn(4, 3, 2, 2))
     snap = _snapshot(bn)
-    with pytest.warns(RuntimeWarning, match=r"BatchNorm2d\(3\): batch statistics are NaN/Inf in channel\(s\) \[1\]"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing is read back during the step, so nothing is said there
         y = bn(_nan_batch())
     assert torch.isnan(y[:, 1]).all() and torch.isfinite(y[:, 0]).all()
     assert _unchanged(bn, snap)  # num_batches_tracked too: the cumulative average is not diluted
     x = torch.randn(4, 3, 2, 2)
     bn(x)
+    ref = torch.nn.BatchNorm2d(3, momentum=momentum)  # the same as never having seen the NaN batch
+    ref.load_state_dict(snap)
+    ref(x)
+    torch.testing.assert_close(bn.running_var, ref.running_var)
     assert bn.num_batches_tracked.item() == 2
+    with pytest.warns(RuntimeWarning, match=r"BatchNorm2d\(3\): 1 training batch\(es\) .* NaN/Inf"):
+        bn.eval()  # the host reads the counter here, once
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # reported once, then reset
+        bn.train()
+        bn.eval()
+        bn.state_dict()
+    bn.train()
+    bn(_nan_batch())
+    bn(_nan_batch())
+    with pytest.warns(RuntimeWarning, match=r"2 training batch\(es\)"):
+        bn.state_dict()
 
 
 def test_nonfinite_raise_and_propagate():

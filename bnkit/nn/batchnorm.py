@@ -1,27 +1,32 @@
 """``BatchNorm1d/2d/3d``: drop-in replacements for ``torch.nn.BatchNorm*d``.
 
-The classes derive from ``torch.nn.modules.batchnorm._BatchNorm`` on purpose: tools that look
-for batch-norm layers with ``isinstance(m, _BatchNorm)`` (``torch.optim.swa_utils.update_bn``,
-fvcore's PreciseBN, DDP helpers, timm) find bnkit layers too, and state_dict loading (including
-checkpoints older than ``num_batches_tracked``) is torch's own. The forward is bnkit's.
+``bnkit.BatchNorm2d`` *is a* ``torch.nn.BatchNorm2d`` (a subclass), so every ``isinstance`` check in
+the ecosystem (``torch.optim.swa_utils.update_bn``, fvcore's PreciseBN, timm's freezing, weight-decay
+filters, DDP helpers) finds it, and state_dict loading (including checkpoints older than
+``num_batches_tracked``) is torch's own. The forward is bnkit's; which route a call takes is
+decided in one place, :meth:`BatchNormBase.forward`.
 """
 from __future__ import annotations
 
 import math
+import threading
 import warnings
+from collections import OrderedDict
 
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm as _TorchBatchNorm
+from torch.utils.hooks import RemovableHandle
 
-from ..functional import (SINGLE_SAMPLE_POLICIES, VARIANCE_KINDS, _channel_back, _channel_first, _check_choice,
-                          _check_mask, _write_back, batch_statistics_update, check_nonfinite_policy, forward_core,
-                          mask_from_lengths, native_train_forward)
-from ..ops import check_activation, check_memory_efficient, is_exporting, normalize
-from ..ops.backend import kernels_for
-from ..stats import accumulation_dtype, batch_moments, ghost_statistics
-from ..validation import check_batch_size
+from ..ops import check_activation, check_memory_efficient, normalize
+from ..ops.activations import apply_activation
+from ..ops.backend import get_backend, kernels_for
+from ..stats import Moments, accumulation_dtype, batch_moments, ghost_statistics, masked_moments
+from ..stats import example_weighted_moments
 from ..stats import momentum as momentum_lib
-from ..validation import check_input
+from ..stats.running import candidates, commit, finite
+from ..validation import (NONFINITE_POLICIES, SINGLE_SAMPLE_POLICIES, VARIANCE_KINDS, channel_back, channel_first,
+                          check_batch_size, check_choice, check_eps, check_input, check_mask, mask_from_lengths,
+                          nonfinite_message)
 from .tracing import traced_call
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormBase", "STATS_FROZEN_MODES"]
@@ -32,6 +37,9 @@ _UNSET = object()
 #: running update), ``"running"`` (normalize with the running statistics even in training).
 STATS_FROZEN_MODES = (None, "batch", "running")
 
+# Read-modify-write of the running buffers is atomic across threads (torch.nn's in-kernel update is).
+_UPDATE_LOCK = threading.Lock()
+
 
 class BatchNormBase(_TorchBatchNorm):
     r"""Batch normalization over dimension 1 of an ``(N, C, *)`` input; the shared base.
@@ -41,11 +49,13 @@ class BatchNormBase(_TorchBatchNorm):
     In training, mean and (biased) variance are the batch's, per channel, over N and the spatial
     dimensions; the running statistics are updated with the unbiased variance:
     ``running = (1 - momentum) * running + momentum * batch``. In eval, the running statistics are
-    used (batch statistics when ``track_running_stats=False``). All of this equals ``torch.nn``.
+    used (batch statistics when ``track_running_stats=False``). All of this equals ``torch.nn``,
+    including an empty batch (empty output, statistics unchanged, ``num_batches_tracked`` + 1).
 
     Args:
         num_features: C, the number of channels.
-        eps: added to the variance for numerical stability. Default 1e-5 (Keras uses 1e-3).
+        eps: added to the variance for numerical stability. Default 1e-5 (Keras uses 1e-3). As in
+            torch, checked when used: > 0 in training, >= 0 in eval.
         momentum: PyTorch's convention, the weight of the *new* batch (default 0.1), or ``None`` for
             the cumulative average. Values >= 0.75 warn: they look like a Keras decay.
         affine: learnable ``weight`` (gamma) and ``bias`` (beta). Default True.
@@ -53,15 +63,19 @@ class BatchNormBase(_TorchBatchNorm):
         device, dtype: of the parameters and buffers.
         decay: Keras/TF/Flax convention instead of ``momentum``: the weight of the *old* value (0.99).
         half_life: instead of ``momentum``: update steps after which a batch's weight has halved.
-        momentum_schedule: a callable ``step -> momentum`` (step counts from 1), or ``"constant"``,
-            ``"linear"`` or ``"cosine"`` (ramp from the EMA toward the cumulative average over
-            ``total_steps``; see :class:`bnkit.stats.momentum.Schedule`).
+        momentum_schedule: a callable ``step -> momentum`` (step counts from 1; a Python callable
+            costs one host read of the step per training call), or ``"constant"``, ``"linear"`` or
+            ``"cosine"`` (evaluated on the device: ramp from the EMA toward the cumulative average
+            over ``total_steps``; see :class:`bnkit.stats.momentum.Schedule`).
         total_steps: length of a named ramp schedule, in update steps.
         activation: ``None``/``"identity"``, ``"relu"``, ``"leaky_relu"`` or ``"silu"``, applied after the affine.
         negative_slope: of ``leaky_relu``.
         bias: with ``affine=True``, whether beta is learned (torch's ``bias=`` keyword).
-        nonfinite: a batch whose statistics are NaN/Inf: ``"skip"`` its running update (default, warns),
-            ``"raise"``, or ``"propagate"`` (torch's behaviour).
+        nonfinite: a batch whose statistics are NaN/Inf: ``"skip"`` its running update (default;
+            decided on the device, no host read; skipped batches are counted on the device
+            and reported with a warning at ``.eval()``,
+            ``state_dict()`` or :func:`bnkit.nonfinite_report`), ``"raise"`` (an error at once,
+            buffers unchanged; one host read per training call) or ``"propagate"`` (torch's behaviour).
         axis: the channel dimension (default 1; ``-1`` takes ``(N, L, C)`` input without transposes).
         single_sample: one value per channel in training: ``"raise"`` (default, the message names the
             fixes), ``"use_running"`` (normalize with the running statistics, no update) or
@@ -83,8 +97,11 @@ class BatchNormBase(_TorchBatchNorm):
             A chunk of one value per channel raises. Eval ignores it. Default ``None`` (off).
 
     ``forward(input, mask=None, lengths=None)``: ``mask`` (bool, the input's shape without the
-    channel dimension; False marks padding) or ``lengths`` (``(N,)`` valid lengths of a 3-D input)
-    keep padded elements out of the batch and running statistics; they pass through unchanged.
+    channel dimension; False marks padding) or ``lengths`` (``(N,)`` integer valid lengths of a 3-D
+    input, best on the CPU as for ``pack_padded_sequence``) keep padded elements out of the batch
+    and running statistics, whatever values they hold; they pass through unchanged. A batch with
+    fewer than 2 valid values per channel leaves the running statistics unchanged (counted and reported
+    like a non-finite batch; a fully masked batch returns its input, as Keras does).
 
     The state_dict records the layer's conventions (eps, momentum, its convention, variance kind) in
     its metadata; loading a bnkit checkpoint whose conventions differ warns. Plain torch checkpoints
@@ -104,37 +121,46 @@ class BatchNormBase(_TorchBatchNorm):
                  activation: str | None = None, negative_slope: float = 0.01, nonfinite: str = "skip",
                  bias: bool = True, axis: int = 1, single_sample: str = "raise", example_weight=None,
                  variance: str = "unbiased", memory_efficient: bool = False, virtual_batch_size: int | None = None):
-        name = f"{type(self).__name__}({num_features})"
-        if not isinstance(num_features, int) or num_features < self._min_features:
-            raise ValueError(f"{type(self).__name__}: num_features must be a positive int, got {num_features!r}")
-        if not eps >= 0:
-            raise ValueError(f"{name}: eps must be >= 0, got {eps}")
+        cls = type(self).__name__
+        if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < self._min_features:
+            raise ValueError(f"{cls}: num_features must be a positive int, got {num_features!r}")
+        name = f"{cls}({num_features})"
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or math.isnan(eps):
+            raise TypeError(f"{name}: eps must be a number, got {eps!r}")
+        if isinstance(axis, bool) or not isinstance(axis, int):
+            raise TypeError(f"{name}: axis must be an int (the channel dimension, e.g. 1 or -1), got {axis!r}")
         given = momentum is not _UNSET
         resolved, convention = momentum_lib.resolve(name, momentum if given else 0.1, decay, half_life,
                                                     momentum_given=given)
         # torch >= 2.6 has bias=; pass it only when asked for so older torch keeps working
-        super().__init__(num_features, eps, resolved, affine, track_running_stats, device, dtype,
+        super().__init__(num_features, eps, resolved, affine, track_running_stats, device=device, dtype=dtype,
                          **({} if bias else {"bias": False}))
         self.momentum_convention = convention
         self.momentum_schedule = momentum_lib.make_schedule(name, momentum_schedule, resolved, total_steps)
         self.activation = check_activation(name, activation)
         self.negative_slope = negative_slope
-        self.nonfinite = check_nonfinite_policy(name, nonfinite)
+        self.nonfinite = check_choice(name, "nonfinite", nonfinite, NONFINITE_POLICIES)
         self.memory_efficient = check_memory_efficient(name, memory_efficient, self.activation, negative_slope)
         self.stats_frozen = None
         self.axis = axis
-        self.single_sample = _check_choice(name, "single_sample", single_sample, SINGLE_SAMPLE_POLICIES)
-        self.variance = _check_choice(name, "variance", variance, VARIANCE_KINDS)
-        if not (example_weight is None or example_weight == "auto" or 0.0 <= example_weight <= 1.0):
-            raise ValueError(f"{name}: example_weight must be None, 'auto' or in [0, 1], got {example_weight!r}")
+        self.single_sample = check_choice(name, "single_sample", single_sample, SINGLE_SAMPLE_POLICIES)
+        self.variance = check_choice(name, "variance", variance, VARIANCE_KINDS)
+        if not (example_weight is None or example_weight == "auto"
+                or (isinstance(example_weight, (int, float)) and not isinstance(example_weight, bool)
+                    and 0.0 <= example_weight <= 1.0)):
+            raise ValueError(f"{name}: example_weight must be None, 'auto' or a number in [0, 1], "
+                             f"got {example_weight!r}")
         self.example_weight = example_weight
         self.last_train_batch_size = None  # for example_weight="auto"
-        self.stats_sink = None  # set by bnkit.accumulate: receives batch statistics instead of the running update
-        _register_state_dict_post_hook(self, _record_conventions)
         if virtual_batch_size is not None and (isinstance(virtual_batch_size, bool)
                                                or not isinstance(virtual_batch_size, int) or virtual_batch_size < 1):
             raise ValueError(f"{name}: virtual_batch_size must be a positive int or None, got {virtual_batch_size!r}")
         self.virtual_batch_size = virtual_batch_size
+        # Batches whose running update the on-device guard skipped since the last report. A plain tensor
+        # attribute, not a buffer: parameters, buffers and state_dict stay exactly torch.nn's.
+        self._nonfinite_skipped = torch.zeros((), dtype=torch.long, device=device)
+        self._moments_hooks: OrderedDict = OrderedDict()
+        _register_state_dict_post_hook(self, _record_conventions)
 
     @property
     def layer_name(self) -> str:
@@ -146,36 +172,242 @@ class BatchNormBase(_TorchBatchNorm):
             raise ValueError(f"{self.layer_name}: expected {want} input {self._dims_doc}, got {input.dim()}-D "
                              f"input of shape {tuple(input.shape)}")
 
-    def _check(self, input: torch.Tensor) -> None:
-        check_input(self.layer_name, input, self.num_features,
-                    {"weight": self.weight, "bias": self.bias,
-                     "running_mean": self.running_mean, "running_var": self.running_var})
-        if self.stats_frozen not in STATS_FROZEN_MODES:
-            raise ValueError(f"{self.layer_name}: stats_frozen must be one of {STATS_FROZEN_MODES}, "
-                             f"got {self.stats_frozen!r}")
+    # ---- public hooks for tools ------------------------------------------------------------------
+    def register_moments_hook(self, hook) -> RemovableHandle:
+        """Observe training batches: ``hook(layer, moments)`` after every forward that normalizes with
+        plain batch statistics, with the batch's per-channel :class:`bnkit.stats.Moments` (count, mean,
+        M2; detached, in the accumulation dtype; padding left out). Tools (``bnkit.accumulate``) build
+        on it; it costs one extra reduction per call while a hook is registered. Returns a handle
+        whose ``remove()`` unregisters it.
+        """
+        handle = RemovableHandle(self._moments_hooks)
+        self._moments_hooks[handle.id] = hook
+        return handle
 
-    def _has_running_stats(self) -> bool:
-        return self.running_mean is not None and self.running_var is not None
+    def fold_moments(self, moments: Moments) -> None:
+        """Fold the pooled statistics of one or more batches into the running statistics as ONE
+        update, with this layer's momentum, variance kind and non-finite policy (what one batch
+        holding all those values would have done)."""
+        if self.running_mean is None or self.running_var is None:
+            raise RuntimeError(f"{self.layer_name}: has no running statistics to fold moments into")
+        count = moments.count
+        if count.numel() and count.dim():
+            count = count[0]
+        self._update_running(moments.mean, moments.var(), count)
 
-    def _uses_batch_stats(self) -> bool:
-        if not self._has_running_stats():
-            return True
-        return self.training and self.stats_frozen != "running"
+    # ---- the forward: which route runs, and why, in one place -------------------------------------
+    def forward(self, input: torch.Tensor, mask: torch.Tensor | None = None,
+                lengths: torch.Tensor | None = None) -> torch.Tensor:
+        axis = self.axis
+        if axis == 1 and type(input) is torch.Tensor and input.dim() in self._expected_dims:
+            x = input  # the common case, checked without building a message
+        else:
+            if (traced := traced_call(self, input, mask, lengths)) is not None:  # torch.fx: a leaf module
+                return traced
+            x = channel_first(self.layer_name, input, axis, self._check_input_dim)
+        if lengths is not None or mask is not None:
+            mask = self._mask(x, mask, lengths)
+        buffers = self._buffers  # one dict lookup each instead of Module.__getattr__ per access
+        running = buffers.get("running_mean") is not None and buffers.get("running_var") is not None
+        training = self.training
+        batch_stats = (training and self.stats_frozen != "running") or not running
+        if not self.eps > 0:
+            check_eps(self.layer_name, self.eps, batch_stats)
+        if not batch_stats:
+            y = self._eval_route(x, mask)
+        else:
+            update = training and running and self.track_running_stats and self.stats_frozen is None
+            y = self._train_route(x, mask, update)
+            if training and self.last_train_batch_size != x.shape[0]:
+                self.last_train_batch_size = x.shape[0]
+        return y if axis == 1 else channel_back(y, axis)
 
-    def _updates_running_stats(self) -> bool:
-        return self.training and self.track_running_stats and self.stats_frozen is None \
-            and self._has_running_stats()
+    def _eval_route(self, x: torch.Tensor, mask) -> torch.Tensor:
+        """Running statistics: torch's ``batch_norm(training=False)`` (or the eval kernel), or the
+        composed ops when example weighing mixes in per-example statistics."""
+        alpha = self._example_weight()
+        if alpha is not None:
+            return self._composed_eval(x, mask, alpha)
+        kernels = kernels_for(x, training=False, activation=self.activation) if x.is_cuda or _FORCED_KERNELS() \
+            else None
+        if kernels is not None:
+            self._check(x)
+            y = kernels.eval_forward(x, self.running_mean, self.running_var, self.weight, self.bias, self.eps,
+                                     self.activation, self.negative_slope)
+        else:
+            y = self._explained(x, self._aten, x, self.running_mean, self.running_var, False, 0.0)
+            y = apply_activation(y, self.activation, self.negative_slope)
+        return y if mask is None else torch.where(mask.unsqueeze(1), y, x)
 
-    def _update_momentum(self):
-        """The torch-convention momentum for this update (None: cumulative average)."""
+    def _train_route(self, x: torch.Tensor, mask, update: bool) -> torch.Tensor:
+        """Batch statistics. Plain batches go through torch's ATen kernel (or a Triton kernel where
+        the measured table says it wins); masks, custom batch statistics (ghost, renorm, sync) and
+        the biased-variance convention go through composed torch ops."""
+        if mask is not None or self._custom_batch_statistics() or self.variance != "unbiased":
+            return self._composed_train(x, mask, update)
+        n = x.numel() // x.shape[1] if x.shape[1] else 0
+        if n == 1:
+            if self.single_sample == "use_running" and self.running_mean is not None:
+                return self._eval_route(x, None)
+            if self.single_sample == "skip_update":  # composed ops: x - mean is exactly 0 there
+                return self._composed_train(x, None, False)
+            check_batch_size(self.layer_name, x)
+        if self._moments_hooks:
+            self._check(x)
+            self._call_moments_hooks(Moments.of(x))
+        kernels = kernels_for(x, training=True, activation=self.activation) if n > 1 and (x.is_cuda or \
+            _FORCED_KERNELS()) else None
+        if kernels is not None:
+            self._check(x)
+            y, mean, var = kernels.train_forward(x, self.weight, self.bias, self.eps, self.activation,
+                                                 self.negative_slope, self.memory_efficient)
+            if update:
+                self._update_running(mean, var, n)
+            return y
+        return apply_activation(self._train_aten(x, n, update), self.activation, self.negative_slope)
+
+    def _train_aten(self, x: torch.Tensor, n: int, update: bool) -> torch.Tensor:
+        """torch's own fused training kernel; the running update happens on a scratch copy that the
+        guard then commits on the device (the scratch, not the buffers, is what autograd saves)."""
+        if not update:
+            return self._explained(x, self._aten, x, None, None, True, 0.0)
+        if n == 0:  # torch.nn: empty output, statistics untouched, the batch counted
+            y = self._explained(x, self._aten, x, None, None, True, 0.0)
+            if self.num_batches_tracked is not None:
+                self.num_batches_tracked.add_(1)
+            return y
+        return self._explained(x, _locked, self._aten_update, x, self._momentum_for_update())
+
+    def _aten_update(self, x: torch.Tensor, momentum) -> torch.Tensor:
+        buffers = self._buffers
+        running_mean, running_var = buffers["running_mean"], buffers["running_var"]
+        ema_in_kernel = isinstance(momentum, float)
+        if ema_in_kernel:  # torch's own EMA, bit for bit
+            scratch = torch.stack((running_mean, running_var))
+        else:  # momentum 1 leaves the batch's (mean, unbiased var) in the scratch
+            scratch = running_mean.new_zeros((2,) + running_mean.shape)
+        new_mean, new_var = scratch.unbind()
+        shift = _stability_shift(x)
+        if shift is not None:  # CPU kernels for (N, C) and channels_last use E[x^2] - E[x]^2
+            x = x - shift.view((1, -1) + (1,) * (x.dim() - 2))
+            if ema_in_kernel:
+                new_mean.sub_(shift.to(scratch.dtype))
+        y = self._aten(x, new_mean, new_var, True, momentum if ema_in_kernel else 1.0)
+        if shift is not None:
+            new_mean = new_mean + shift.to(new_mean.dtype)
+        if not ema_in_kernel:
+            new_mean, new_var = candidates(running_mean, running_var, buffers.get("num_batches_tracked"),
+                                           new_mean, new_var, momentum)
+        self._commit(new_mean, new_var, (scratch,))
+        return y
+
+    def _composed_train(self, x: torch.Tensor, mask, update: bool) -> torch.Tensor:
+        self._check(x)
+        if mask is not None:
+            if self._custom_batch_statistics():
+                raise ValueError(f"{self.layer_name}: mask=/lengths= are not supported together with "
+                                 f"{'virtual_batch_size' if self.virtual_batch_size else type(self).__name__}")
+            mean, var, count = masked_moments(x, mask)
+            if self._moments_hooks:
+                self._call_moments_hooks(Moments(count, mean.detach(), (var * count).detach()))
+            if update:
+                self._update_running(mean, var, count[0] if count.numel() else count)
+            y = normalize(x, mean, var, self.weight, self.bias, self.eps, self.activation, self.negative_slope)
+            return torch.where(mask.unsqueeze(1), y, x)
+        n = x.numel() // x.shape[1]
+        if n == 1 and not self._custom_batch_statistics():
+            if self.single_sample == "use_running" and self.running_mean is not None:
+                return self._eval_route(x, None)
+            if self.single_sample == "skip_update":
+                update = False
+        mean, var = _locked(self._batch_statistics, x, update) if update else self._batch_statistics(x, update)
+        return normalize(x, mean, var, self.weight, self.bias, self.eps, self.activation, self.negative_slope)
+
+    def _composed_eval(self, x: torch.Tensor, mask, alpha: float) -> torch.Tensor:
+        self._check(x)
+        acc = accumulation_dtype(x.dtype)
+        mean, var = example_weighted_moments(x, self.running_mean.to(acc), self.running_var.to(acc), alpha, mask)
+        y = normalize(x, mean, var, self.weight, self.bias, self.eps, self.activation, self.negative_slope)
+        return y if mask is None else torch.where(mask.unsqueeze(1), y, x)
+
+    # ---- the pieces the routes share ---------------------------------------------------------------
+    def _aten(self, x, running_mean, running_var, training: bool, momentum: float) -> torch.Tensor:
+        params = self._parameters
+        return torch.batch_norm(x, params.get("weight"), params.get("bias"), running_mean, running_var, training,
+                                momentum, self.eps, torch.backends.cudnn.enabled)
+
+    def _explained(self, x: torch.Tensor, fn, *args):
+        """``fn(*args)`` unchecked (the fast path: ATen checks shapes, devices and dtypes itself);
+        when it refuses the input, the error names the layer and the cause. Buffers change only at
+        the end of a step, so a refused input leaves them as they were."""
+        try:
+            return fn(*args)
+        except (RuntimeError, TypeError, ValueError):
+            self._check(x)
+            raise
+
+    def _check(self, x: torch.Tensor) -> None:
+        check_input(self.layer_name, x, self.num_features, {"weight": self.weight, "bias": self.bias,
+                    "running_mean": self.running_mean, "running_var": self.running_var}, self.axis)
+
+    def _mask(self, x: torch.Tensor, mask, lengths) -> torch.Tensor:
+        if lengths is not None:
+            if mask is not None:
+                raise ValueError(f"{self.layer_name}: pass mask= or lengths=, not both")
+            return mask_from_lengths(self.layer_name, x, lengths)
+        return check_mask(self.layer_name, x, mask)
+
+    def _momentum_for_update(self):
+        """The torch-convention momentum for this update: a float, a 0-d tensor (a named schedule,
+        on the device) or None (cumulative average, resolved on the device)."""
         if self.momentum_schedule is None:
             return self.momentum
         if isinstance(self.momentum_schedule, momentum_lib.Schedule) and self.num_batches_tracked is not None:
-            # Evaluated on the device (no host sync), in the statistics' precision.
             step = self.num_batches_tracked.to(accumulation_dtype(self.running_mean.dtype)) + 1
             return self.momentum_schedule(step)
         step = 1 + (int(self.num_batches_tracked) if self.num_batches_tracked is not None else 0)
-        return float(self.momentum_schedule(step))
+        return momentum_lib.check_value(self.layer_name, self.momentum_schedule(step), step)
+
+    def _update_running(self, mean: torch.Tensor, var: torch.Tensor, n) -> None:
+        """Fold ``(mean, biased var over n values)`` into the running statistics (``n=None``: ``var``
+        is already the unbiased estimate). ``n`` may be a tensor (masked batches): fewer than 2
+        values leave the statistics unchanged."""
+        mean, var = mean.detach(), var.detach()
+        enough = None
+        if self.variance == "unbiased" and n is not None:
+            if isinstance(n, torch.Tensor):
+                enough = n >= 2
+                var = var * (n / torch.clamp(n - 1, min=1)).to(var.dtype)
+            else:
+                var = var * (n / (n - 1))
+        new_mean, new_var = candidates(self.running_mean, self.running_var, self.num_batches_tracked, mean, var,
+                                       self._momentum_for_update())
+        self._commit(new_mean, new_var, (mean, var), enough)
+
+    def _commit(self, new_mean, new_var, checked: tuple, enough: torch.Tensor | None = None) -> None:
+        """The non-finite policy, then the one in-place update (:func:`bnkit.stats.running.commit`).
+        ``checked``: the tensors whose finiteness decides (the batch statistics or the new values)."""
+        keep = None if self.nonfinite == "propagate" else finite(*checked)
+        if self.nonfinite == "raise" and not bool(keep):  # the one policy that reads the host, by design
+            rows = torch.stack([t.reshape(-1, self.num_features) for t in checked]).reshape(-1, self.num_features)
+            bad = (~torch.isfinite(rows)).any(0).nonzero().flatten().tolist()
+            raise FloatingPointError(nonfinite_message(self.layer_name, bad) + "the running statistics were left "
+                                     "unchanged (nonfinite='raise').")
+        if enough is not None:
+            keep = enough if keep is None else keep & enough
+        buffers = self._buffers
+        running_mean = buffers["running_mean"]
+        skipped = self._nonfinite_skipped
+        if skipped.device != running_mean.device:  # the layer was moved (.to() moves buffers only)
+            device = running_mean.device
+            skipped = torch.zeros((), dtype=torch.long, device=device) if skipped.is_meta else skipped.to(device)
+            self._nonfinite_skipped = skipped
+        commit(running_mean, buffers["running_var"], buffers.get("num_batches_tracked"), new_mean, new_var, keep,
+               skipped)
+
+    def _call_moments_hooks(self, moments: Moments) -> None:
+        for hook in list(self._moments_hooks.values()):
+            hook(self, moments)
 
     def _example_weight(self):
         if self.training or self.example_weight is None:
@@ -187,78 +419,57 @@ class BatchNormBase(_TorchBatchNorm):
                                f"has not seen a training batch; pass example_weight=<alpha> instead")
         return 1.0 / self.last_train_batch_size
 
-    def _kernel_forward(self, x: torch.Tensor, mask):
-        """The plain case through a fused kernel, else None (the shared torch-op core runs).
+    def _custom_batch_statistics(self) -> bool:
+        """True when ``_batch_statistics`` is not plain batch statistics (ghost BN, or a subclass's own)."""
+        return self.virtual_batch_size is not None or \
+            type(self)._batch_statistics is not BatchNormBase._batch_statistics
 
-        Plain: no mask, no accumulation, no example weighing, unbiased running variance, at least two
-        values per channel, no custom batch statistics (ghost, renorm, sync), not exporting. Then CUDA
-        tensors take the Triton kernels (see ``bnkit.set_backend``) and, in eager mode, everything else
-        takes torch's own ATen kernel in training. Semantics (checks, non-finite policy, momentum,
-        counts) are the same on every path; eval always uses torch's ``batch_norm(training=False)``.
+    def _batch_statistics(self, input: torch.Tensor, update: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``(mean, var)`` that normalize this batch, shape ``(C,)`` or per sample ``(N, C)``.
+
+        With ``update`` also folds the batch into the running statistics. This is the one step that
+        ghost, synchronized and renormalized batch norm change.
         """
-        if mask is not None or self.stats_sink is not None or self.variance != "unbiased" or is_exporting() \
-                or self._custom_batch_statistics():
-            return None
-        use_batch = self._uses_batch_stats()
-        if not use_batch and self._example_weight() is not None:
-            return None
-        if use_batch and x.numel() // max(x.shape[1], 1) < 2:
-            return None
-        update = use_batch and self._updates_running_stats()
-        fused = kernels_for(x)
-        if fused is not None:
-            if not use_batch:
-                return fused.eval_forward(x, self.running_mean, self.running_var, self.weight, self.bias, self.eps,
-                                          self.activation, self.negative_slope)
-            return fused.train_forward(self.layer_name, x, x.numel() // x.shape[1], self.weight, self.bias,
-                                       self.running_mean, self.running_var, self.num_batches_tracked,
-                                       self._update_momentum() if update else None, update, self.nonfinite,
-                                       self.eps, self.activation, self.negative_slope, self.memory_efficient)
-        if not use_batch or torch.compiler.is_compiling() or self.eps <= 0:  # ATen refuses eps=0 in training
-            return None
-        return native_train_forward(self.layer_name, x, self.weight, self.bias,
-                                    self.running_mean if update else None, self.running_var if update else None,
-                                    self.num_batches_tracked if update else None,
-                                    self._update_momentum() if update else None, self.eps, self.nonfinite,
-                                    self.activation, self.negative_slope)
+        if self.virtual_batch_size is not None:
+            mean, var, pooled = ghost_statistics(self.layer_name, input, self.virtual_batch_size)
+            if self._moments_hooks:
+                raise ValueError(f"{self.layer_name}: ghost-batch statistics (virtual_batch_size) cannot be "
+                                 f"observed as one batch's moments (e.g. by bnkit.accumulate); use plain batch norm")
+            if update:
+                self._update_running(*pooled, None)
+            return mean, var
+        n = check_batch_size(self.layer_name, input) if self.single_sample == "raise" else input.numel() // \
+            input.shape[1]
+        mean, var = batch_moments(input)
+        if self._moments_hooks:
+            self._call_moments_hooks(Moments(torch.full_like(mean, float(n)), mean.detach(), (var * n).detach()))
+        if update:
+            self._update_running(mean, var, n)
+        return mean, var
 
-    def forward(self, input: torch.Tensor, mask: torch.Tensor | None = None,
-                lengths: torch.Tensor | None = None) -> torch.Tensor:
-        if (traced := traced_call(self, input, mask=mask, lengths=lengths)) is not None:  # torch.fx: a leaf module
-            return traced
-        if isinstance(input, torch.Tensor):
-            self._check_input_dim(input)
-        x = _channel_first(input, self.axis)
-        self._check(x)
-        if lengths is not None:
-            if mask is not None:
-                raise ValueError(f"{self.layer_name}: pass mask= or lengths=, not both")
-            mask = mask_from_lengths(self.layer_name, x, lengths)
-        if mask is not None:
-            mask = _check_mask(self.layer_name, x, mask)
-        if self.training:
-            self.last_train_batch_size = x.shape[0]
-        y = self._kernel_forward(x, mask)
-        if y is not None:
-            return _channel_back(y, self.axis)
-        if self._custom_batch_statistics() and self._uses_batch_stats():
-            if mask is not None:
-                raise ValueError(f"{self.layer_name}: mask=/lengths= are not supported together with "
-                                 f"{'virtual_batch_size' if self.virtual_batch_size else type(self).__name__}")
-            mean, var = self._batch_statistics(x)
-            y = normalize(x, mean, var, self.weight, self.bias, self.eps, self.activation, self.negative_slope)
-            return _channel_back(y, self.axis)
-        update = self._updates_running_stats()
-        y, new = forward_core(
-            self.layer_name, x, self.weight, self.bias, self.running_mean, self.running_var, self.num_batches_tracked,
-            use_batch_stats=self._uses_batch_stats(), update=update and self.stats_sink is None,
-            momentum=self._update_momentum() if update and self.stats_sink is None else None, eps=self.eps,
-            activation=self.activation, negative_slope=self.negative_slope, nonfinite=self.nonfinite,
-            variance=self.variance, mask=mask, single_sample=self.single_sample,
-            example_weight=self._example_weight(), stats_sink=self.stats_sink if update else None)
-        if new is not None:
-            _write_back(new, self.running_mean, self.running_var, self.num_batches_tracked)
-        return _channel_back(y, self.axis)
+    # ---- reporting skipped batches, when the host reads anyway --------------------------------------
+    def train(self, mode: bool = True):
+        if not mode and self.training:
+            self.report_nonfinite()
+        return super().train(mode)
+
+    def report_nonfinite(self, reset: bool = True) -> int:
+        """How many training batches the non-finite guard skipped since the last report; warns when
+        any were. This reads one value from the device (``.eval()`` and ``state_dict()`` call it)."""
+        skipped = self._nonfinite_skipped
+        if skipped.device.type == "meta" or torch.compiler.is_compiling():
+            return 0
+        count = int(skipped)
+        if count:
+            warnings.warn(f"{self.layer_name}: {count} training batch(es) since the last report had NaN/Inf batch "
+                          f"statistics or fewer than 2 valid values per channel and were skipped: the running "
+                          f"statistics and num_batches_tracked are unchanged by them (nonfinite='skip'). Check "
+                          f"the input and the learning rate; nonfinite='raise' stops at the first one.",
+                          RuntimeWarning, stacklevel=3)
+            if reset:
+                with torch.no_grad():
+                    skipped.zero_()
+        return count
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
@@ -273,40 +484,6 @@ class BatchNormBase(_TorchBatchNorm):
                               f"construct the layer with the saved values to reproduce it.", UserWarning, stacklevel=2)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
-
-    def _custom_batch_statistics(self) -> bool:
-        """True when ``_batch_statistics`` is not plain batch statistics (ghost BN, or a subclass's own)."""
-        return self.virtual_batch_size is not None or \
-            type(self)._batch_statistics is not BatchNormBase._batch_statistics
-
-    def _batch_statistics(self, input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The ``(mean, var)`` that normalize this batch, shape ``(C,)`` or per sample ``(N, C)``.
-
-        Also folds the batch into the running statistics when the layer updates them. This is the
-        one step that ghost, synchronized and renormalized batch norm change.
-        """
-        if self.virtual_batch_size is not None:
-            mean, var, pooled = ghost_statistics(self.layer_name, input, self.virtual_batch_size)
-            self._update_running(*pooled, None)
-            return mean, var
-        n = check_batch_size(self.layer_name, input)
-        mean, var = batch_moments(input)
-        self._update_running(mean, var, n)
-        return mean, var
-
-    def _update_running(self, mean: torch.Tensor, var: torch.Tensor, n: int | None) -> None:
-        """Fold ``(mean, biased var over n values)`` (``n=None``: ``var`` is unbiased) into the running stats,
-        or hand them to ``bnkit.accumulate``."""
-        if not self._updates_running_stats():
-            return
-        if self.stats_sink is not None:
-            if n is None:
-                raise ValueError(f"{self.layer_name}: bnkit.accumulate cannot pool ghost-batch statistics "
-                                 f"(virtual_batch_size); use plain batch norm inside accumulate()")
-            self.stats_sink(mean.detach(), var.detach(), n)
-            return
-        batch_statistics_update(self.layer_name, mean, var, n, self.running_mean, self.running_var,
-                                self._update_momentum(), self.num_batches_tracked, self.nonfinite, self.variance)
 
     def extra_repr(self) -> str:
         s = super().extra_repr()
@@ -330,6 +507,55 @@ class BatchNormBase(_TorchBatchNorm):
             s += f", virtual_batch_size={self.virtual_batch_size}"
         return s
 
+    def eval_affine(self, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Eval as a per-channel affine map, or ``None`` when eval is not one.
+
+        Returns ``(scale, shift)``, each of shape ``(C,)`` in ``dtype`` (float32 by default; ``bnkit.fold``
+        asks for float64), such that the eval output is ``act(x * scale + shift)`` per channel along
+        ``axis``: ``scale = weight / sqrt(running_var + eps)``, ``shift = bias - running_mean * scale``.
+        ``None`` when no fixed weights can reproduce eval: no running statistics (eval normalizes with
+        the batch's own), ``example_weight`` set (each example's statistics are mixed in), or a lazy
+        layer not yet initialized. Non-finite running statistics give a non-finite map. This is the one
+        place that decides the question for ``bnkit.fold``, ``bnkit.to_keras`` and ``bnkit.doctor``.
+        """
+        if self.running_mean is None or self.running_var is None or self.example_weight is not None \
+                or isinstance(self.running_mean, torch.nn.parameter.UninitializedBuffer):
+            return None
+        scale = torch.rsqrt(self.running_var.detach().to(dtype) + self.eps)
+        if self.weight is not None:
+            scale = scale * self.weight.detach().to(dtype)
+        shift = -self.running_mean.detach().to(dtype) * scale
+        if self.bias is not None:
+            shift = shift + self.bias.detach().to(dtype)
+        return scale, shift
+
+
+def _FORCED_KERNELS() -> bool:  # noqa: N802 - reads like the constant it nearly is
+    """CPU tensors take the kernels only when forced (Triton's interpreter, in tests)."""
+    return get_backend() == "triton"
+
+
+def _locked(fn, *args):
+    """``fn(*args)`` holding the update lock in eager mode; plainly while torch.compile traces (no
+    threads inside a graph, and Dynamo does not trace locks)."""
+    if torch.compiler.is_compiling():
+        return fn(*args)
+    with _UPDATE_LOCK:
+        return fn(*args)
+
+
+def _stability_shift(x: torch.Tensor) -> torch.Tensor | None:
+    """A per-channel shift (the first sample's values, detached) for the CPU kernels that compute the
+    variance as E[x^2] - E[x]^2 ((N, C) and channels_last input), which cancels when |mean| >> std.
+    Batch norm is invariant to a per-channel shift, so outputs and gradients are unchanged."""
+    if x.device.type != "cpu" or x.shape[0] == 0:
+        return None
+    if x.dim() == 2:
+        return x[0].detach()
+    if x.dim() in (4, 5) and x.stride(1) == 1 and x.shape[1] > 1 and not x.is_contiguous():
+        return x[(0, slice(None)) + (0,) * (x.dim() - 2)].detach()
+    return None
+
 
 _METADATA_KEY = "bnkit_conventions"
 
@@ -347,6 +573,7 @@ def _same(a, b) -> bool:
 
 def _record_conventions(module, state_dict, prefix, local_metadata) -> None:
     local_metadata[_METADATA_KEY] = _conventions(module)
+    module.report_nonfinite()
 
 
 def _register_state_dict_post_hook(module: torch.nn.Module, hook) -> None:
@@ -354,19 +581,21 @@ def _register_state_dict_post_hook(module: torch.nn.Module, hook) -> None:
     register(hook)
 
 
-class BatchNorm1d(BatchNormBase):
+class BatchNorm1d(BatchNormBase, torch.nn.BatchNorm1d):
     """Batch norm over a 2-D ``(N, C)`` or 3-D ``(N, C, L)`` input. See :class:`BatchNormBase`.
 
     >>> bn = BatchNorm1d(3)
     >>> bn(torch.randn(8, 3)).shape
     torch.Size([8, 3])
+    >>> isinstance(bn, torch.nn.BatchNorm1d)
+    True
     """
 
     _expected_dims = (2, 3)
     _dims_doc = "(N, C) or (N, C, L)"
 
 
-class BatchNorm2d(BatchNormBase):
+class BatchNorm2d(BatchNormBase, torch.nn.BatchNorm2d):
     """Batch norm over a 4-D ``(N, C, H, W)`` input. See :class:`BatchNormBase`.
 
     >>> bn = BatchNorm2d(1)
@@ -379,7 +608,7 @@ class BatchNorm2d(BatchNormBase):
     _dims_doc = "(N, C, H, W)"
 
 
-class BatchNorm3d(BatchNormBase):
+class BatchNorm3d(BatchNormBase, torch.nn.BatchNorm3d):
     """Batch norm over a 5-D ``(N, C, D, H, W)`` input. See :class:`BatchNormBase`."""
 
     _expected_dims = (5,)

@@ -46,6 +46,9 @@ class DomainBatchNorm(nn.Module):
                  momentum=_UNSET, affine: bool = True, track_running_stats: bool = True, device=None, dtype=None,
                  **kwargs):
         super().__init__()
+        if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
+            raise ValueError(f"{type(self).__name__}({num_features!r}, num_domains={num_domains!r}): num_features "
+                             f"must be a positive int, got {num_features!r}")
         if isinstance(num_domains, bool) or not isinstance(num_domains, int) or num_domains < 1:
             raise ValueError(f"{type(self).__name__}({num_features}): num_domains must be a positive int, "
                              f"got {num_domains!r}")
@@ -74,6 +77,25 @@ class DomainBatchNorm(nn.Module):
 
     def extra_repr(self) -> str:
         return f"num_domains={self.num_domains}, shared_affine={self.shared_affine}"
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # With shared_affine the domains hold one weight/bias under every domain's key, so loading copies
+        # each domain's entry into the same tensor in turn and the last one wins. A checkpoint with
+        # per-domain affine values loads only if they are equal; otherwise nothing here is loaded.
+        if self.shared_affine and self.domains[0].affine:
+            for key in ("weight", "bias"):
+                given = [(d, state_dict[k]) for d in range(self.num_domains)
+                         if (k := f"{prefix}domains.{d}.{key}") in state_dict]
+                differ = [d for d, t in given[1:] if t.shape == given[0][1].shape and not torch.equal(t, given[0][1])]
+                if differ:
+                    raise ValueError(f"{self.layer_name} ({prefix.rstrip('.') or 'top level'}): shared_affine=True "
+                                     f"keeps one {key} for all domains, but the checkpoint's {key} of domain(s) "
+                                     f"{differ} differs from domain {given[0][0]}'s (it was saved with "
+                                     f"shared_affine=False); construct the layer with shared_affine=False to "
+                                     f"load it")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
 
 class DomainBatchNorm1d(DomainBatchNorm):

@@ -47,6 +47,10 @@ class FrozenBatchNorm(nn.Module):
         super().__init__()
         if not isinstance(num_features, int) or num_features < 1:
             raise ValueError(f"{type(self).__name__}: num_features must be a positive int, got {num_features!r}")
+        # torchvision's FrozenBatchNorm2d takes any eps; a negative (or NaN) one gives NaN outputs for
+        # channels with running_var < -eps, so it is refused as bnkit.BatchNorm2d refuses it.
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+            raise ValueError(f"{type(self).__name__}({num_features}): eps must be a number >= 0, got {eps!r}")
         self.num_features, self.eps = num_features, eps
         self.activation = check_activation(self.layer_name, activation)
         self.negative_slope = negative_slope
@@ -71,6 +75,11 @@ class FrozenBatchNorm(nn.Module):
         """The fused per-channel ``(scale, shift)`` in ``dtype``."""
         scale = self.weight.to(dtype) * torch.rsqrt(self.running_var.to(dtype) + self.eps)
         return scale, self.bias.to(dtype) - self.running_mean.to(dtype) * scale
+
+    def eval_affine(self, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(scale, shift)`` such that the output is ``act(x * scale + shift)`` per channel (dimension 1),
+        in training and eval alike; the same contract as :meth:`bnkit.BatchNormBase.eval_affine`."""
+        return self.scale_and_shift(dtype)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if (traced := traced_call(self, input)) is not None:  # torch.fx: a leaf module

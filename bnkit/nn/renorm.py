@@ -17,7 +17,8 @@ import numbers
 
 import torch
 
-from ..stats import batch_moments, update_running_stats
+from ..stats import Moments, batch_moments, update_running_stats
+from ..stats.running import finite
 from ..validation import check_batch_size
 from .batchnorm import _UNSET, BatchNormBase
 
@@ -37,8 +38,12 @@ class LinearRamp:
             raise ValueError(f"LinearRamp: need steps >= 1 and hold >= 0, got steps={steps}, hold={hold}")
         self.start, self.end, self.steps, self.hold = float(start), float(end), int(steps), int(hold)
 
-    def __call__(self, step: int) -> float:
-        t = min(max(step - self.hold, 0) / self.steps, 1.0)
+    def __call__(self, step):
+        """``step`` is an int, or a tensor (then the value is a tensor: layers evaluate ramps on the device)."""
+        if isinstance(step, torch.Tensor):
+            t = torch.clamp((step - self.hold) / self.steps, 0.0, 1.0)
+        else:
+            t = min(max(step - self.hold, 0) / self.steps, 1.0)
         return self.start + (self.end - self.start) * t
 
     def __repr__(self) -> str:
@@ -109,26 +114,34 @@ class BatchRenormBase(BatchNormBase):
         self.register_buffer("renorm_mean", torch.zeros(num_features, **factory))
         self.register_buffer("renorm_std", torch.ones(num_features, **factory))
 
-    def _limits(self) -> tuple[float, float]:
+    def _limits(self):
+        """``(rmax, dmax)`` for this step: numbers, or 0-d tensors for ramps evaluated on the device (a
+        plain Python callable gets the step as an int, which costs one host read)."""
         if not (callable(self.rmax) or callable(self.dmax)):
-            return _check_limits(self.layer_name, self.rmax, self.dmax)   # no host sync for the step
+            return _check_limits(self.layer_name, self.rmax, self.dmax)
+        if all(isinstance(v, LinearRamp) or not callable(v) for v in (self.rmax, self.dmax)):
+            step = self.num_batches_tracked.to(torch.float32) + 1
+            ones = torch.ones_like(step)  # torch.clamp takes both bounds as numbers or both as tensors
+            return tuple(v(step) if callable(v) else ones * v for v in (self.rmax, self.dmax))
         step = 1 + int(self.num_batches_tracked)
         rmax = self.rmax(step) if callable(self.rmax) else self.rmax
         dmax = self.dmax(step) if callable(self.dmax) else self.dmax
         return _check_limits(self.layer_name, rmax, dmax, step)
 
-    def _batch_statistics(self, input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _batch_statistics(self, input: torch.Tensor, update: bool) -> tuple[torch.Tensor, torch.Tensor]:
         n = check_batch_size(self.layer_name, input)
         rmax, dmax = self._limits()
         mean, var = batch_moments(input)
         std = torch.sqrt(var + self.eps)
         with torch.no_grad():
             sigma = self.renorm_std.to(std.dtype)
-            r = (std / sigma).clamp(1.0 / rmax, rmax)
-            d = ((mean - self.renorm_mean.to(mean.dtype)) / sigma).clamp(-dmax, dmax)
-        if self._updates_running_stats():
+            r = torch.clamp(std / sigma, 1.0 / rmax, rmax)
+            d = torch.clamp((mean - self.renorm_mean.to(mean.dtype)) / sigma, -dmax, dmax)
+        if self._moments_hooks:
+            self._call_moments_hooks(Moments(torch.full_like(mean, float(n)), mean.detach(), (var * n).detach()))
+        if update:
             self._update_running(mean, var, n)
-            keep = None if self.nonfinite == "propagate" else torch.isfinite(mean).all() & torch.isfinite(var).all()
+            keep = None if self.nonfinite == "propagate" else finite(mean, var)
             update_running_stats(self.renorm_mean, self.renorm_std, mean, std, self.renorm_momentum, keep)
         # (x - mu_B) / sigma_B * r + d  ==  (x - m) / sqrt(v + eps)  with  m = mu_B - d sigma_B / r,
         # sqrt(v + eps) = sigma_B / r: the shared kernel normalizes, autograd sees r and d as constants.

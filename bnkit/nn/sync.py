@@ -39,7 +39,7 @@ import warnings
 import torch
 import torch.distributed as dist
 
-from ..stats import accumulation_dtype, reduce_dims
+from ..stats import Moments, accumulation_dtype, reduce_dims
 from .batchnorm import _UNSET, BatchNormBase
 
 __all__ = ["SyncBatchNorm"]
@@ -113,7 +113,7 @@ class SyncBatchNorm(BatchNormBase):
                              f"{int(c[0])}); every rank must build the same model")
         self._channels_checked_for = group
 
-    def _batch_statistics(self, input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _batch_statistics(self, input: torch.Tensor, update: bool) -> tuple[torch.Tensor, torch.Tensor]:
         group = self._group() if self.training else None
         if group is None:
             global _warned_no_process_group
@@ -122,7 +122,7 @@ class SyncBatchNorm(BatchNormBase):
                 warnings.warn(f"{self.layer_name}: torch.distributed is not initialized, so SyncBatchNorm layers "
                               f"use this process's batch statistics only (like a single process). Call "
                               f"torch.distributed.init_process_group first to synchronize.", UserWarning, stacklevel=3)
-            return super()._batch_statistics(input)
+            return super()._batch_statistics(input, update)
         self._check_channels(group, input.device)
         acc = accumulation_dtype(input.dtype)
         x = input.to(acc)
@@ -146,7 +146,11 @@ class SyncBatchNorm(BatchNormBase):
         g_mean = reduced[1:c + 1] / n_all
         g_var = torch.clamp(reduced[c + 1:] / n_all - g_mean * g_mean, min=0)
         g_mean, g_var = g_mean.to(acc), g_var.to(acc)
-        self._update_running(g_mean, g_var, n_all)
+        if self._moments_hooks:
+            self._call_moments_hooks(Moments(torch.full_like(g_mean, float(n_all)), g_mean.detach(),
+                                             (g_var * n_all).detach()))
+        if update:
+            self._update_running(g_mean, g_var, n_all)
         return g_mean, g_var
 
     @classmethod

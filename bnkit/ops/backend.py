@@ -57,7 +57,7 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def kernels_for(x: torch.Tensor):
+def kernels_for(x: torch.Tensor, training: bool = True, activation: str = "identity"):
     """The module of Triton ops to run ``x`` with, or None for the torch path."""
     backend = get_backend()
     if backend == "torch" or x.dtype not in _KERNEL_DTYPES or x.numel() == 0:

@@ -41,34 +41,50 @@ def masked_moments(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, t
     """``(mean, biased_var, count)`` per channel over the elements where ``mask`` is True.
 
     ``mask`` has ``x``'s shape without the channel dimension 1 (``(N, *)``). Two passes (mean, then
-    centered squares), so it is as stable as :func:`batch_moments`; differentiable.
+    centered squares), so it is as stable as :func:`batch_moments`; differentiable. Padding never
+    enters the arithmetic (it may hold NaN or Inf). No valid value gives mean 0 and variance 0 with
+    count 0 (no host read decides anything).
     """
     acc = accumulation_dtype(x.dtype)
-    m = mask.unsqueeze(1).to(acc)
+    m = mask.unsqueeze(1)
     dims = reduce_dims(x.dim())
-    count = m.sum(dims)  # (C,) after broadcasting: the same count in every channel
+    count = m.to(acc).sum(dims)  # (C,) after broadcasting: the same count in every channel
     count = count.expand(x.shape[1]) if count.numel() == 1 else count
-    xa = x.to(acc)
-    mean = (xa * m).sum(dims) / count
-    centered = (xa - mean.reshape((1, -1) + (1,) * (x.dim() - 2))) * m
-    return mean, (centered * centered).sum(dims) / count, count
+    xa = torch.where(m, x.to(acc), 0.0)
+    mean = xa.sum(dims) / torch.clamp(count, min=1)
+    centered = torch.where(m, xa - mean.reshape((1, -1) + (1,) * (x.dim() - 2)), 0.0)
+    return mean, (centered * centered).sum(dims) / torch.clamp(count, min=1), count
 
 
-def example_weighted_moments(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, alpha: float):
+def example_weighted_moments(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, alpha: float,
+                             mask: torch.Tensor | None = None):
     """Inference example weighing (Summers & Dinneen, ICLR 2020): per-example statistics ``(N, C)``.
 
-    Each example's own spatial statistics (``mu_e``, biased ``var_e``) are mixed with the population
-    statistics ``(mean, var)`` with weight ``alpha``, as the moments of a two-component mixture::
+    Each example's own spatial statistics (``mu_e``, biased ``var_e``; over its valid positions when
+    ``mask`` is given, padding never read) are mixed with the population statistics ``(mean, var)``
+    with weight ``alpha``, as the moments of a two-component mixture::
 
         mu_i  = alpha * mu_e + (1 - alpha) * mean
         var_i = alpha * var_e + (1 - alpha) * var + alpha * (1 - alpha) * (mu_e - mean) ** 2
+
+    An example without valid positions gets the population statistics.
     """
     acc = mean.dtype
     spatial = tuple(range(2, x.dim()))
-    if spatial:
-        var_e, mu_e = torch.var_mean(x.to(acc), dim=spatial, correction=0)
-    else:  # one value per example and channel: its own variance is zero
+    if not spatial:  # one value per example and channel: its own variance is zero
         mu_e, var_e = x.to(acc), torch.zeros_like(x, dtype=acc)
+    elif mask is None:
+        var_e, mu_e = torch.var_mean(x.to(acc), dim=spatial, correction=0)
+    else:
+        m = mask.unsqueeze(1)
+        count = m.to(acc).sum(spatial)
+        safe = torch.clamp(count, min=1)
+        xa = torch.where(m, x.to(acc), 0.0)
+        mu_e = xa.sum(spatial) / safe
+        centered = torch.where(m, xa - mu_e.reshape(mu_e.shape + (1,) * len(spatial)), 0.0)
+        var_e = (centered * centered).sum(spatial) / safe
+        empty = count == 0
+        mu_e, var_e = torch.where(empty, mean, mu_e), torch.where(empty, var, var_e)
     mu = alpha * mu_e + (1 - alpha) * mean
     v = alpha * var_e + (1 - alpha) * var + alpha * (1 - alpha) * (mu_e - mean) ** 2
     return mu, v

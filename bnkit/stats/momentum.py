@@ -28,7 +28,7 @@ from typing import Callable, Union
 
 import torch
 
-__all__ = ["convert", "resolve", "constant", "linear_ramp", "cosine_ramp", "Schedule", "make_schedule",
+__all__ = ["convert", "resolve", "check_value", "constant", "linear_ramp", "cosine_ramp", "Schedule", "make_schedule",
            "KERAS_LOOKALIKE_THRESHOLD"]
 
 CONVENTIONS = ("momentum", "decay", "half_life")
@@ -38,6 +38,8 @@ KERAS_LOOKALIKE_THRESHOLD = 0.75
 
 
 def _to_momentum(value: float, convention: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{convention} must be a number, got {value!r}")
     if convention == "momentum":
         if not 0.0 <= value <= 1.0:
             raise ValueError(f"momentum must be in [0, 1], got {value}")
@@ -81,6 +83,15 @@ def resolve(layer: str, momentum, decay=None, half_life=None, momentum_given: bo
     ``momentum_given`` tells whether ``momentum`` was passed by the caller (its default 0.1 does
     not conflict with ``decay=`` or ``half_life=``).
     """
+    try:
+        return _resolve(layer, momentum, decay, half_life, momentum_given)
+    except (TypeError, ValueError) as e:
+        if str(e).startswith(layer):
+            raise
+        raise type(e)(f"{layer}: {e}") from None
+
+
+def _resolve(layer: str, momentum, decay, half_life, momentum_given: bool):
     given = [name for name, v in (("decay", decay), ("half_life", half_life)) if v is not None]
     if momentum_given and given:
         given.insert(0, "momentum")
@@ -98,8 +109,16 @@ def resolve(layer: str, momentum, decay=None, half_life=None, momentum_given: bo
             f"{layer}: momentum={m} is PyTorch's convention (weight of the NEW batch), so running statistics "
             f"will mostly follow the latest batch. It looks like a Keras/TF/Flax momentum (weight of the OLD "
             f"value). If that is what you meant, write decay={m} (equal to momentum={round(1 - m, 12)}).",
-            UserWarning, stacklevel=4)
+            UserWarning, stacklevel=5)
     return m, "momentum"
+
+
+def check_value(layer: str, value, step: int) -> float:
+    """A Python schedule's momentum for ``step``, checked: a number in [0, 1]."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"{layer}: momentum_schedule returned {value!r} for step {step}; a torch-convention "
+                         f"momentum must be a number in [0, 1]")
+    return float(value)
 
 
 def _clip(v, lo, hi):

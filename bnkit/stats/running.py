@@ -1,30 +1,100 @@
-"""Running-statistic updates (the population estimate), PyTorch convention.
+"""The running-statistics update, written once: EMA or cumulative average, and the non-finite guard.
 
-``new = (1 - momentum) * old + momentum * batch``; ``running_var`` receives the unbiased batch
-variance (or the biased one, for layers that keep Keras's convention). ``momentum`` may be a float
-or a 0-d tensor (the cumulative average ``1 / num_batches`` stays on the device, without a host
-sync). ``keep`` is an optional 0-d bool tensor: where it is False the old values are kept (a batch
-with non-finite statistics is skipped, sync-free).
+PyTorch's convention: ``new = (1 - momentum) * old + momentum * batch``, ``running_var`` receives
+the unbiased batch variance (or the biased one, for layers that keep Keras's convention), and
+``momentum=None`` is the cumulative average, factor ``1 / num_batches_tracked`` counted after the
+increment. ``momentum`` may be a float or a 0-d tensor (a schedule evaluated on the device).
+
+The guard (``nonfinite="skip"``, the default) runs on the device: ``keep`` is a 0-d bool tensor,
+True when the batch's statistics are finite; the buffers take the new values only where ``keep``
+(``torch.where``), ``num_batches_tracked`` grows by ``keep`` and a skipped-batch counter by
+``~keep``. Nothing is read back to the host, so a training step stays asynchronous and a CUDA
+graph can capture it; the layers report skipped batches when the host reads anyway (``.eval()``,
+``state_dict()``, :func:`bnkit.nonfinite_report`).
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
-__all__ = ["ema", "update_running_stats"]
+__all__ = ["ema", "finite", "candidates", "commit", "updated", "RunningStats", "update_running_stats"]
 
 
-def ema(old: torch.Tensor, new: torch.Tensor, momentum, keep: torch.Tensor | None = None) -> torch.Tensor:
-    """Out of place: ``(1 - momentum) * old + momentum * new`` in ``old``'s dtype, or ``old`` where not ``keep``."""
+def finite(*tensors: torch.Tensor) -> torch.Tensor:
+    """0-d bool tensor: every element of every tensor is finite (no host read)."""
+    keep = torch.isfinite(tensors[0]).all()
+    for t in tensors[1:]:
+        keep = keep & torch.isfinite(t).all()
+    return keep
+
+
+def ema(old: torch.Tensor, new: torch.Tensor, momentum) -> torch.Tensor:
+    """Out of place: ``(1 - momentum) * old + momentum * new`` in ``old``'s dtype."""
     new = new.detach().to(old.dtype)
-    updated = old * (1 - momentum) + new * momentum
-    return updated if keep is None else torch.where(keep, updated, old)
+    return old * (1 - momentum) + new * momentum
+
+
+def _factor(momentum, num_batches_tracked: torch.Tensor | None, dtype: torch.dtype):
+    """The momentum of this update: as given, or ``1 / (num_batches_tracked + 1)`` for ``None``."""
+    if momentum is not None:
+        return momentum
+    if num_batches_tracked is None:
+        raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
+    return 1.0 / (num_batches_tracked.to(dtype) + 1)
+
+
+def candidates(running_mean: torch.Tensor, running_var: torch.Tensor, num_batches_tracked, mean: torch.Tensor,
+               var: torch.Tensor, momentum) -> tuple[torch.Tensor, torch.Tensor]:
+    """The running statistics after folding in ``(mean, var)``, were the batch kept (out of place).
+
+    ``var`` is the variance to store (unbiased for torch's convention).
+    """
+    m = _factor(momentum, num_batches_tracked, running_mean.dtype)
+    return ema(running_mean, mean, m), ema(running_var, var, m)
+
+
+class RunningStats(NamedTuple):
+    """Running statistics (``None`` where the layer has no such buffer)."""
+
+    running_mean: torch.Tensor | None
+    running_var: torch.Tensor | None
+    num_batches_tracked: torch.Tensor | None
+
+
+def updated(running_mean, running_var, num_batches_tracked, mean, var, momentum,
+            keep: torch.Tensor | None) -> RunningStats:
+    """Out of place (for ``torch.func``): the statistics after one batch, the old ones where not ``keep``."""
+    new_mean, new_var = candidates(running_mean, running_var, num_batches_tracked, mean, var, momentum)
+    if keep is not None:
+        new_mean, new_var = torch.where(keep, new_mean, running_mean), torch.where(keep, new_var, running_var)
+    count = None
+    if num_batches_tracked is not None:
+        count = num_batches_tracked + (1 if keep is None else keep.to(num_batches_tracked.dtype))
+    return RunningStats(new_mean, new_var, count)
 
 
 @torch.no_grad()
-def update_running_stats(running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
-                         mean: torch.Tensor, unbiased_var: torch.Tensor, momentum,
-                         keep: torch.Tensor | None = None) -> None:
-    """In place: :func:`ema` into the buffers that exist."""
-    for buf, new in ((running_mean, mean), (running_var, unbiased_var)):
-        if buf is not None:
-            buf.copy_(ema(buf, new, momentum, keep))
+def commit(running_mean: torch.Tensor, running_var: torch.Tensor, num_batches_tracked, new_mean: torch.Tensor,
+           new_var: torch.Tensor, keep: torch.Tensor | None, skipped: torch.Tensor | None = None) -> None:
+    """In place, the one place buffers change: take ``(new_mean, new_var)`` where ``keep`` (all when None),
+    count the kept batch in ``num_batches_tracked`` and a skipped one in ``skipped``."""
+    if keep is None:
+        running_mean.copy_(new_mean)
+        running_var.copy_(new_var)
+        if num_batches_tracked is not None:
+            num_batches_tracked.add_(1)
+        return
+    torch.where(keep, new_mean, running_mean, out=running_mean)
+    torch.where(keep, new_var, running_var, out=running_var)
+    if num_batches_tracked is not None:
+        num_batches_tracked.add_(keep)
+    if skipped is not None:
+        skipped.add_(~keep)
+
+
+@torch.no_grad()
+def update_running_stats(running_mean: torch.Tensor, running_var: torch.Tensor, mean: torch.Tensor,
+                         var: torch.Tensor, momentum, keep: torch.Tensor | None = None) -> None:
+    """In place EMA of a pair of buffers without a batch counter (batch renorm's ``renorm_mean/std``)."""
+    commit(running_mean, running_var, None, *candidates(running_mean, running_var, None, mean, var, momentum), keep)

@@ -1,0 +1,131 @@
+"""A training or eval step reads nothing back to the host, for every option that does not need to.
+
+Guarded with a TorchDispatchMode that sees every aten op a step runs: a read of a tensor's value
+into Python (``.item()``, ``bool()``, ``int()``, ``float()``, a data-dependent branch) dispatches
+``aten._local_scalar_dense`` (``is_nonzero`` and ``item`` end there too). On a GPU each such read
+is a device synchronization; here the op is counted on the CPU, where it shows up all the same.
+"""
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import bnkit
+
+READS = {"_local_scalar_dense", "is_nonzero", "item", "equal"}
+
+
+class HostReads(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.__name__.split(".")[0] in READS:
+            self.seen.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def _count(fn) -> list:
+    with HostReads() as mode:
+        fn()
+    return mode.seen
+
+
+def test_the_counter_sees_host_reads():  # the guard itself can fail
+    x = torch.randn(3)
+    assert _count(lambda: bool(x.sum() > 0))
+    assert _count(lambda: x.sum().item())
+    assert _count(lambda: float(x.max()))
+
+
+def _step(layer, x, **kw):
+    def run():
+        layer.train()
+        y = layer(x, **kw)
+        y.square().sum().backward()
+    return run
+
+
+def _eval_step(layer, x, **kw):
+    def run():
+        with torch.no_grad():
+            layer(x, **kw)
+    return run
+
+
+CASES = {
+    "plain": (lambda: bnkit.BatchNorm2d(4), (6, 4, 3, 3), {}),
+    "momentum=None": (lambda: bnkit.BatchNorm2d(4, momentum=None), (6, 4, 3, 3), {}),
+    "decay": (lambda: bnkit.BatchNorm2d(4, decay=0.99), (6, 4, 3, 3), {}),
+    "cosine schedule": (lambda: bnkit.BatchNorm2d(4, momentum_schedule="cosine", total_steps=10), (6, 4, 3, 3), {}),
+    "activation": (lambda: bnkit.BatchNorm2d(4, activation="silu"), (6, 4, 3, 3), {}),
+    "channels_last": (lambda: bnkit.BatchNorm2d(4), (6, 4, 3, 3), {"channels_last": True}),
+    "1d 2-D input": (lambda: bnkit.BatchNorm1d(4), (6, 4), {}),
+    "axis=-1": (lambda: bnkit.BatchNorm1d(4, axis=-1), (6, 5, 4), {}),
+    "biased variance": (lambda: bnkit.BatchNorm2d(4, variance="biased"), (6, 4, 3, 3), {}),
+    "ghost": (lambda: bnkit.BatchNorm2d(4, virtual_batch_size=2), (6, 4, 3, 3), {}),
+    "renorm": (lambda: bnkit.BatchRenorm2d(4), (6, 4, 3, 3), {}),
+    "renorm warm-up ramps": (lambda: bnkit.BatchRenorm2d(4, **bnkit.renorm_warmup(10, hold=2)), (6, 4, 3, 3), {}),
+    "mask": (lambda: bnkit.BatchNorm1d(4), (6, 4, 5), {"mask": True}),
+    "lengths": (lambda: bnkit.BatchNorm1d(4), (6, 4, 5), {"lengths": True}),
+    "frozen stats (batch)": (lambda: bnkit.freeze_stats(bnkit.BatchNorm2d(4)), (6, 4, 3, 3), {}),
+    "frozen stats (running)": (lambda: bnkit.freeze_stats(bnkit.BatchNorm2d(4), use_running=True), (6, 4, 3, 3), {}),
+    "FrozenBatchNorm2d": (lambda: bnkit.FrozenBatchNorm2d(4), (6, 4, 3, 3), {}),
+    "not tracking": (lambda: bnkit.BatchNorm2d(4, track_running_stats=False), (6, 4, 3, 3), {}),
+    "single sample, use_running": (lambda: bnkit.BatchNorm1d(4, single_sample="use_running"), (1, 4), {}),
+    "empty batch": (lambda: bnkit.BatchNorm2d(4), (0, 4, 3, 3), {}),
+}
+
+
+def _inputs(shape, extra):
+    x = torch.randn(*shape, requires_grad=True)
+    kw = {}
+    if extra.get("channels_last"):
+        x = torch.randn(*shape).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    lengths = torch.tensor([5, 3, 4, 5, 1, 2])
+    if extra.get("mask"):
+        kw["mask"] = torch.arange(shape[2]) < lengths[:, None]
+    if extra.get("lengths"):
+        kw["lengths"] = lengths
+    return x, kw
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_training_step_reads_nothing(case):
+    make, shape, extra = CASES[case]
+    layer = make()
+    x, kw = _inputs(shape, extra)
+    _step(layer, x, **kw)()  # first call outside: lazy set-up is not a step
+    assert _count(_step(layer, x, **kw)) == []
+
+
+@pytest.mark.parametrize("case", ["plain", "activation", "mask", "axis=-1", "FrozenBatchNorm2d"])
+def test_eval_step_reads_nothing(case):
+    make, shape, extra = CASES[case]
+    layer = make().eval()
+    x, kw = _inputs(shape, extra)
+    assert _count(_eval_step(layer, x, **kw)) == []
+
+
+def test_domain_batch_norm_step_reads_nothing():
+    layer = bnkit.DomainBatchNorm2d(4, num_domains=2)
+    x = torch.randn(6, 4, 3, 3, requires_grad=True)
+    assert _count(lambda: layer(x, domain=1).sum().backward()) == []
+
+
+def test_a_nan_batch_is_skipped_without_a_read_and_raise_reads_by_design():
+    layer = bnkit.BatchNorm2d(4)
+    x = torch.randn(6, 4, 3, 3)
+    x[0, 2, 0, 0] = float("nan")
+    assert _count(lambda: layer(x)) == []
+    assert torch.equal(layer.running_mean, torch.zeros(4)) and layer.num_batches_tracked.item() == 0
+    strict = bnkit.BatchNorm2d(4, nonfinite="raise")
+    assert _count(lambda: strict(torch.randn(6, 4, 3, 3)))  # the documented exception
+
+
+def test_training_on_the_meta_device_works_like_torch():
+    ours, theirs = bnkit.BatchNorm2d(4, device="meta"), torch.nn.BatchNorm2d(4, device="meta")
+    x = torch.empty(6, 4, 3, 3, device="meta")
+    assert ours(x).shape == theirs(x).shape == x.shape
+    ours.eval(), theirs.eval()
+    assert ours(x).device.type == "meta"
