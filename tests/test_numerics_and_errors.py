@@ -244,3 +244,12 @@ def test_refused_batch_does_not_change_last_train_batch_size():
     with pytest.raises(ValueError):
         bn(torch.randn(5, 4, 2, 2))  # wrong channel count: refused
     assert bn.last_train_batch_size == 8
+
+
+def test_nonfinite_report_names_the_layers_that_skipped():
+    model = torch.nn.Sequential(bnkit.BatchNorm2d(3), torch.nn.Sequential(bnkit.BatchNorm2d(3)))
+    model[0](torch.randn(4, 3, 2, 2))
+    model[1][0](_nan_batch())
+    with pytest.warns(RuntimeWarning, match=r"BatchNorm2d\(3\): 1 training batch"):
+        assert bnkit.nonfinite_report(model) == {"1.0": 1}
+    assert bnkit.nonfinite_report(model) == {}  # reset after a report

@@ -28,7 +28,7 @@ from ..validation import (NONFINITE_POLICIES, SINGLE_SAMPLE_POLICIES, VARIANCE_K
                           check_batch_size, check_choice, check_eps, check_input, check_mask, mask_from_lengths,
                           nonfinite_message)
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormBase", "STATS_FROZEN_MODES"]
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormBase", "STATS_FROZEN_MODES", "nonfinite_report"]
 
 _UNSET = object()
 
@@ -525,6 +525,19 @@ class BatchNormBase(_TorchBatchNorm):
         if self.bias is not None:
             shift = shift + self.bias.detach().to(dtype)
         return scale, shift
+
+
+def nonfinite_report(model: torch.nn.Module, reset: bool = True) -> dict:
+    """``{qualified name: batches skipped}`` for every bnkit layer in ``model`` whose non-finite guard
+    skipped batches since the last report; each such layer also warns. Reads one value per layer
+    from the device: call it where a sync is fine (end of an epoch, before a checkpoint)."""
+    report = {}
+    for name, m in model.named_modules():
+        if isinstance(m, BatchNormBase):
+            count = m.report_nonfinite(reset)
+            if count:
+                report[name] = count
+    return report
 
 
 def _FORCED_KERNELS() -> bool:  # noqa: N802 - reads like the constant it nearly is
