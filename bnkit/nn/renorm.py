@@ -20,7 +20,7 @@ import torch
 from ..stats import Moments, batch_moments, update_running_stats
 from ..stats.running import finite
 from ..validation import check_batch_size
-from .batchnorm import _UNSET, BatchNormBase
+from .batchnorm import _UNSET, BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormBase
 
 __all__ = ["BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d", "BatchRenormBase", "LinearRamp", "renorm_warmup"]
 
@@ -151,22 +151,13 @@ class BatchRenormBase(BatchNormBase):
         return super().extra_repr() + f", rmax={self.rmax!r}, dmax={self.dmax!r}, renorm_momentum={self.renorm_momentum}"
 
 
-class BatchRenorm1d(BatchRenormBase):
+class BatchRenorm1d(BatchRenormBase, BatchNorm1d):
     """Batch renormalization of a ``(N, C)`` or ``(N, C, L)`` input. See :class:`BatchRenormBase`."""
 
-    _expected_dims = (2, 3)
-    _dims_doc = "(N, C) or (N, C, L)"
 
-
-class BatchRenorm2d(BatchRenormBase):
+class BatchRenorm2d(BatchRenormBase, BatchNorm2d):
     """Batch renormalization of a ``(N, C, H, W)`` input. See :class:`BatchRenormBase`."""
 
-    _expected_dims = (4,)
-    _dims_doc = "(N, C, H, W)"
 
-
-class BatchRenorm3d(BatchRenormBase):
+class BatchRenorm3d(BatchRenormBase, BatchNorm3d):
     """Batch renormalization of a ``(N, C, D, H, W)`` input. See :class:`BatchRenormBase`."""
-
-    _expected_dims = (5,)
-    _dims_doc = "(N, C, D, H, W)"
