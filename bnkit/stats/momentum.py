@@ -28,7 +28,7 @@ from typing import Callable, Union
 
 import torch
 
-__all__ = ["convert", "resolve", "check_value", "constant", "linear_ramp", "cosine_ramp", "Schedule", "make_schedule",
+__all__ = ["convert", "resolve", "check_value", "Schedule", "make_schedule",
            "KERAS_LOOKALIKE_THRESHOLD"]
 
 CONVENTIONS = ("momentum", "decay", "half_life")
@@ -164,18 +164,6 @@ class Schedule:
     def __repr__(self) -> str:
         extra = "" if self.kind == "constant" else f", total_steps={self.total_steps}"
         return f"Schedule({self.kind!r}, start={self.start}{extra})"
-
-
-def constant(start: float = 0.1) -> Schedule:
-    return Schedule("constant", start)
-
-
-def linear_ramp(total_steps: int, start: float = 0.1) -> Schedule:
-    return Schedule("linear", start, total_steps)
-
-
-def cosine_ramp(total_steps: int, start: float = 0.1) -> Schedule:
-    return Schedule("cosine", start, total_steps)
 
 
 ScheduleLike = Union[None, str, Callable[[int], float]]
