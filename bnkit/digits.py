@@ -151,19 +151,28 @@ def small_batch_methods(steps: int) -> dict[str, dict]:
 
 def small_batch_comparison(seeds=(0, 1, 2), batch_size: int = SMALL_BATCH["batch_size"],
                            epochs: int = SMALL_BATCH["epochs"], lr: float = SMALL_BATCH["lr"],
-                           on_run: Callable[[str, int], None] | None = None) -> dict[str, list[float]]:
-    """Test accuracy per method (see :func:`small_batch_methods`) and seed, trained on class-sorted
-    batches; every method of a seed starts from the same initial weights and sees the same batches.
-    ``on_run(method, seed)`` is called before each run (progress reporting)."""
+                           methods=None, on_run: Callable[[str, int], None] | None = None,
+                           train_images: int | None = None) -> dict[str, list[float]]:
+    """Test accuracy per method and seed, trained on class-sorted batches; every method of a seed starts
+    from the same initial weights and sees the same batches.
+
+    ``methods``: a subset of the names of :func:`small_batch_methods` (default: all; "plain BN" is
+    always run, the others are compared with it), or a dict like the one it returns.
+    ``on_run(method, seed)`` is called before each run (progress reporting). ``train_images``: train
+    on the first that many training images only (smoke tests)."""
     from .calibrate import calibrate
     from .conversion import freeze
 
     x, y, xt, yt = load_digits()
+    x, y = x[:train_images], y[:train_images]
     steps = epochs * (len(x) // batch_size)
     results: dict[str, list[float]] = {}
     for seed in seeds:
         trained = {}
-        for name, how in small_batch_methods(steps).items():
+        chosen = methods if isinstance(methods, dict) else {
+            name: how for name, how in small_batch_methods(steps).items()
+            if methods is None or name == "plain BN" or name in methods}
+        for name, how in chosen.items():
             if on_run is not None:
                 on_run(name, seed)
             if how.get("calibrate"):  # the plain model of this seed, recalibrated

@@ -106,7 +106,7 @@ class DoctorReport:
     # ---- terminal ----
     def tables(self):
         """``(layers_table, findings_table)`` as rich Tables."""
-        from rich.table import Table
+        Table = _need("rich.table", "printing").Table
 
         t = Table(title="batch-norm layers", title_justify="left")
         for col in ("layer", "type", "C", "momentum", "mode", "mean err", "var err", "train/eval gap",
@@ -125,9 +125,7 @@ class DoctorReport:
         return t, f
 
     def print(self, console=None) -> None:
-        from rich.console import Console
-
-        console = console or Console()
+        console = console or _need("rich.console", "printing").Console()
         layers, findings = self.tables()
         console.print(layers)
         console.print(_summary_line(self.summary))
@@ -137,9 +135,7 @@ class DoctorReport:
             console.print("[green]no findings: the batch-norm layers look healthy on this data[/]")
 
     def __str__(self) -> str:
-        from rich.console import Console
-
-        console = Console(width=120, force_terminal=False, no_color=True)  # plain text
+        console = _need("rich.console", "printing").Console(width=120, force_terminal=False, no_color=True)  # plain text
         with console.capture() as cap:
             self.print(console)
         return cap.get()
@@ -156,6 +152,18 @@ class DoctorReport:
         images = _plots(self, out)
         (out / "index.html").write_text(_html(self, images))
         return out
+
+
+def _need(module: str, what: str):
+    """Import ``module`` of the demo extra (rich, matplotlib), or say how to install it: the diagnosis
+    itself needs neither, only the report's printing and plots do."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ImportError(f"bnkit.doctor: the report's {what} needs {module.split('.')[0]}, which is not installed: "
+                          f'pip install "bnkit[demo]"') from None
 
 
 def _fmt(v) -> str:
@@ -491,8 +499,7 @@ def _data_findings(data) -> list[Finding]:
 
 
 def _plots(report: DoctorReport, out: Path) -> list[str]:
-    import matplotlib
-
+    matplotlib = _need("matplotlib", "plotting")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
