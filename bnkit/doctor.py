@@ -172,6 +172,11 @@ def _fmt(v) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
+def _share(v: float) -> str:
+    """A fraction as a percentage with two significant digits below 1 % (74%, 100%, 0.18%)."""
+    return f"{100 * v:.0f}%" if v >= 0.01 else f"{100 * v:.2g}%"
+
+
 def _pct(v) -> str:
     return "-" if v is None else f"{100 * v:.1f}%"
 
@@ -465,6 +470,8 @@ def _too_few_updates(d: LayerDiagnosis, bn: nn.Module, limits: dict) -> list[Fin
             or getattr(bn, "momentum_schedule", None) is not None):
         return []
     n = int(n)
+    if n == 0 and (any(v != 0 for v in d.ema_mean) or any(v != 1 for v in d.ema_var)):
+        return []  # a counter of 0 with other statistics: loaded from a checkpoint without the counter
     share = (1.0 - m) ** n  # the initial value's weight in an EMA after n updates
     pm, pv = torch.tensor(d.population_mean), torch.tensor(d.population_var)
     # EMA = share * initial + (1 - share) * (average of the batches): the first term's part of the error
@@ -473,14 +480,14 @@ def _too_few_updates(d: LayerDiagnosis, bn: nn.Module, limits: dict) -> list[Fin
     if max(mean_part, var_part) <= limits["stats_error"]:
         return []
     enough = 1.0 - 0.05 ** (1.0 / n) if n else None
-    larger = (f"a larger momentum (>= {enough:.2g} leaves < 5% of the initial value after {n} updates), "
+    larger = (f"with a larger momentum (>= {enough:.2g} leaves < 5% of the initial value after {n} updates), "
               if enough is not None and enough > m else "")
     return [Finding(d.name, "error" if max(mean_part, var_part) > 5 * limits["stats_error"] else "warning",
                     f"too few updates for the momentum: after {n} updates at momentum={m:g}, (1 - {m:g})^{n} = "
-                    f"{100 * share:.2g}% of the running statistics is still the initial value (mean 0, variance 1); "
+                    f"{_share(share)} of the running statistics is still the initial value (mean 0, variance 1); "
                     f"that alone puts the mean off by {_pct(mean_part)} of a std and the variance by "
                     f"{_pct(var_part)}",
-                    f"bnkit.calibrate(model, train_loader) (no training needed); or train longer, with {larger}"
+                    f"bnkit.calibrate(model, train_loader) (no training needed); or train longer, {larger}"
                     f"or with momentum=None (cumulative average) or a momentum_schedule")]
 
 

@@ -121,7 +121,7 @@ from torch import nn
 x = torch.randn(32, 3, 6, 6)
 model = nn.Sequential(nn.Conv2d(3, 4, 3), bnkit.BatchNorm2d(4), nn.ReLU())
 model(x)
-bnkit.calibrate(model, list(x.split(8)), progress=False)
+bnkit.calibrate(model, list(x.split(8)))  # progress=True: no bar without rich
 folded, _ = bnkit.fold(model.eval())
 report = bnkit.doctor(model, x, batch_size=8)
 try:

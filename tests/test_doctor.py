@@ -121,6 +121,16 @@ def test_no_update_finding_on_a_well_trained_or_calibrated_model(calibrate):
     assert not any("too few updates" in f.problem for f in report.findings), report.findings
 
 
+
+def test_a_checkpoint_without_the_counter_is_not_blamed_on_too_few_updates():
+    model = _trained_statistics(momentum=0.01, updates=30)
+    model[1].num_batches_tracked.zero_()   # as torch does when loading a checkpoint without the counter
+    report = doctor(model, _data(), batch_size=128)
+    assert "EMA running statistics differ" in _codes(report, "1") and "too few updates" not in _codes(report, "1")
+    model[1].reset_running_stats()         # never trained: 0 updates, the initial values themselves
+    assert "(1 - 0.01)^0 = 100%" in _codes(doctor(model, _data(), batch_size=128), "1")
+
+
 def test_keras_threshold_is_the_documented_constant(calibrate):
     from bnkit.stats.momentum import KERAS_LOOKALIKE_THRESHOLD
 

@@ -85,7 +85,7 @@ class BatchRenormBase(BatchNormBase):
     when ``renorm_mean``/``renorm_std`` are still mostly their initial 0 and 1, and the warm-up that
     avoids this has to be sized to the run (the paper: hold 5k, ramps over 25k-40k steps). On the
     digits CNN with class-sorted batches of 4 (``python examples/small_batch_digits.py``, 5 seeds) fixed
-    limits lost 6.3 ± 8.0 points to plain batch norm (4 of 5 seeds worse), the warm-up gained
+    limits lost 6.3 ± 8.0 points to plain batch norm (1 of 5 seeds better), the warm-up gained
     1.0 ± 4.5 (see docs/small_batch.md).
     ``rmax=3.0, dmax=5.0`` can still be passed explicitly.
         renorm_momentum: torch convention (weight of the new batch; tf-keras' ``renorm_momentum=0.99``
