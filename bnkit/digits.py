@@ -130,13 +130,12 @@ def small_batch_methods(steps: int) -> dict[str, dict]:
 
     Each entry holds ``norm`` (the normalization layer factory for :func:`digits_cnn`) and optionally
     ``shuffled`` (train on i.i.d. batches instead), ``calibrate`` (recompute the statistics after
-    training with :func:`bnkit.calibrate`) or ``freeze_at`` (the step at which :func:`bnkit.freeze`
-    turns every batch norm into a FrozenBatchNorm2d).
+    training with :func:`bnkit.calibrate`) or ``freeze`` (:func:`bnkit.freeze` turns every batch norm
+    into a FrozenBatchNorm2d when the learning rate drops, for the last third).
     """
     from . import nn as bnn
 
     plain = bnn.BatchNorm2d
-    drop = 2 * steps // 3
     return {
         "plain BN, shuffled batches (reference)": {"norm": plain, "shuffled": True},
         "plain BN": {"norm": plain},
@@ -144,7 +143,7 @@ def small_batch_methods(steps: int) -> dict[str, dict]:
         "BatchRenorm (warm-up)": {"norm": lambda c: bnn.BatchRenorm2d(
             c, renorm_momentum=0.1, **bnn.renorm_warmup(steps // 2, hold=steps // 10))},
         "ghost BN (virtual batch 2)": {"norm": lambda c: bnn.BatchNorm2d(c, virtual_batch_size=2)},
-        "FrozenBN for the last third": {"norm": plain, "freeze_at": drop},
+        "FrozenBN for the last third": {"norm": plain, "freeze": True},
         "GroupNorm (8 groups)": {"norm": lambda c: nn.GroupNorm(8, c)},
     }
 
@@ -166,6 +165,7 @@ def small_batch_comparison(seeds=(0, 1, 2), batch_size: int = SMALL_BATCH["batch
     x, y, xt, yt = load_digits()
     x, y = x[:train_images], y[:train_images]
     steps = epochs * (len(x) // batch_size)
+    drop = 2 * steps // 3  # lr / 10 from here on (and FrozenBN's switch)
     results: dict[str, list[float]] = {}
     for seed in seeds:
         trained = {}
@@ -180,10 +180,9 @@ def small_batch_comparison(seeds=(0, 1, 2), batch_size: int = SMALL_BATCH["batch
                 calibrate(model, list(x.split(64)), num_batches=None, progress=False)
             else:
                 model = digits_cnn(how["norm"], seed=seed)
-                at = how.get("freeze_at")
                 train(model, x, y, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
-                      class_sorted=not how.get("shuffled"), lr_drop_at=2 * steps // 3,
-                      on_step=None if at is None else (lambda s, m=model, at=at: s == at and freeze(m)))
+                      class_sorted=not how.get("shuffled"), lr_drop_at=drop,
+                      on_step=(lambda s, m=model: s == drop and freeze(m)) if how.get("freeze") else None)
             trained[name] = model
             results.setdefault(name, []).append(evaluate(model, xt, yt))
     return results
