@@ -56,7 +56,7 @@ class BatchNormBase(_TorchBatchNorm):
         eps: added to the variance for numerical stability. Default 1e-5 (Keras uses 1e-3). As in
             torch, checked when used: > 0 in training, >= 0 in eval.
         momentum: PyTorch's convention, the weight of the *new* batch (default 0.1), or ``None`` for
-            the cumulative average. Values >= 0.75 warn: they look like a Keras decay.
+            the cumulative average. Values >= 0.5 (momentum.KERAS_LOOKALIKE_THRESHOLD) warn: Keras-like.
         affine: learnable ``weight`` (gamma) and ``bias`` (beta). Default True.
         track_running_stats: keep ``running_mean``, ``running_var`` and ``num_batches_tracked``.
         device, dtype: of the parameters and buffers.

@@ -33,8 +33,11 @@ __all__ = ["convert", "resolve", "check_value", "Schedule", "make_schedule",
 
 CONVENTIONS = ("momentum", "decay", "half_life")
 
-#: A torch-convention momentum at or above this looks like a Keras/TF decay passed by mistake.
-KERAS_LOOKALIKE_THRESHOLD = 0.75
+#: A torch-convention momentum at or above this looks like a Keras/TF decay passed by mistake: the
+#: layer warns and ``bnkit.doctor`` reports it. At 0.5 the newest batch weighs as much as all earlier
+#: ones together (a half-life of one update), which no useful torch setting does, while every usual
+#: Keras/TF/Flax decay (0.9, 0.99, 0.999, and the rarer 0.5-0.7) is caught.
+KERAS_LOOKALIKE_THRESHOLD = 0.5
 
 
 def _to_momentum(value: float, convention: str) -> float:
