@@ -3,7 +3,7 @@ from . import functional, reference, stats
 from .accumulate import accumulate
 from .calibrate import CalibrationReport, calibrate
 from .freezing import batch_norm_layers, freeze_stats, frozen_stats, unfreeze_stats
-from .nn import BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormBase
+from .nn import BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormBase, nonfinite_report
 from .nn import LazyBatchNorm1d, LazyBatchNorm2d, LazyBatchNorm3d
 from .keras import from_keras, to_keras
 from .ops.backend import get_backend, set_backend
@@ -22,7 +22,7 @@ __all__ = ["accumulate", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNorm
            "freeze_stats", "frozen_stats", "functional", "momentum", "reference", "stats", "unfreeze_stats"]
 __all__ += ["LazyBatchNorm1d", "LazyBatchNorm2d", "LazyBatchNorm3d", "from_keras", "to_keras"]
 __all__ += ["doctor", "fold"]
-__all__ += ["get_backend", "set_backend"]
+__all__ += ["get_backend", "set_backend", "nonfinite_report"]
 __all__ += ["BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d", "BatchRenormBase", "renorm_warmup"]
 __all__ += ["FrozenBatchNorm", "FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d", "SyncBatchNorm",
             "convert", "convert_sync_batchnorm", "freeze"]

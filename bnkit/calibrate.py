@@ -412,11 +412,14 @@ def _all_merge(moments: list[Moments]) -> list[Moments]:
 
 @contextlib.contextmanager
 def _progress_bar(enabled: bool):
+    try:  # rich comes with the demo extra; without it calibration runs without a bar
+        from rich.console import Console
+        from rich.progress import Progress
+    except ImportError:
+        enabled = False
     if not enabled:
         yield None
         return
-    from rich.console import Console
-    from rich.progress import Progress
 
     with Progress(console=Console(stderr=True)) as bar:
         yield bar

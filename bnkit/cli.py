@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import sys
 import time
 from pathlib import Path
@@ -191,12 +192,32 @@ def _doctor(args, console) -> int:
 
 
 # ---- bnkit demo ----
-def _train(model, x, y, epochs: int, batch_size: int, progress, label: str):
+DEMO_EXTRA = 'pip install "bnkit[demo]"'
+# The demo's share of bnkit.digits.small_batch_methods, to stay near a minute on 2 cores; the example
+# runs all of them (BatchRenorm, ghost BN, GroupNorm) with more seeds.
+DEMO_SMALL_BATCH_METHODS = ("plain BN, shuffled batches (reference)", "plain BN + bnkit.calibrate",
+                            "FrozenBN for the last third")
+
+
+def _require_demo_extra() -> None:
+    """The demo trains on scikit-learn's digits, prints with rich and plots with matplotlib: the demo extra."""
+    missing = []
+    for module, package in (("sklearn", "scikit-learn"), ("matplotlib", "matplotlib"), ("rich", "rich")):
+        try:
+            __import__(module)
+        except ImportError:
+            missing.append(package)
+    if missing:
+        raise CLIError(f"bnkit demo needs {', '.join(missing)}, which are not installed: {DEMO_EXTRA}")
+
+
+def _train(model, x, y, epochs: int, batch_size: int, progress, label: str, seed: int = 0):
     from .digits import train
 
     steps = epochs * (len(x) // batch_size)
     task = progress.add_task(label, total=steps)
-    train(model, x, y, epochs=epochs, batch_size=batch_size, on_step=lambda s: progress.update(task, completed=s))
+    train(model, x, y, epochs=epochs, batch_size=batch_size, seed=seed,
+          on_step=lambda s: progress.update(task, completed=s))
     return model
 
 
@@ -218,10 +239,11 @@ def _accuracy_without_eval(model, x, y, batch_size: int) -> float:
 
 
 def _calibrated(model, x, batch_size: int = 256):
+    """A copy of ``model`` whose statistics are recomputed on the images ``x`` (no labels needed)."""
     from .calibrate import calibrate  # lazy: its own module
 
     c = copy.deepcopy(model)
-    calibrate(c, list(x.split(batch_size)), num_batches=len(x) // batch_size + 1, mode="precise", progress=False)
+    calibrate(c, list(x.split(batch_size)), num_batches=None, mode="precise", progress=False)
     return c.eval()
 
 
@@ -229,6 +251,7 @@ def _demo(args, console) -> int:
     import torch
 
     start = time.perf_counter()
+    _require_demo_extra()
     out = _output_dir(args.out, args.force)
     # 8x8 images: thread start-up costs more than it saves, and on shared cores intra-op threads
     # were measured to make training ~70x slower. One thread is fast everywhere for this model.
@@ -240,71 +263,117 @@ def _demo(args, console) -> int:
         torch.set_num_threads(threads)
 
 
+def _rows(console, header: str, rows, note: str) -> None:
+    """A two-column table (what, mean ± spread over seeds) and a note below it."""
+    from rich.table import Table
+
+    t = Table(title_justify="left")
+    t.add_column(header)
+    t.add_column("test accuracy, mean ± std over seeds", justify="right")
+    for row in rows:
+        t.add_row(*row)
+    console.print(t)
+    console.print(note)
+
+
 def _demo_run(args, console, out: Path, start: float) -> int:
-    import torch
+    import platform
+
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
-    from .digits import digits_cnn, evaluate, load_digits
+    from .digits import SMALL_BATCH, digits_cnn, evaluate, load_digits, mean_spread, shift, small_batch_comparison
     from .doctor import doctor
 
-    torch.manual_seed(args.seed)
-    x, y, xt, yt = load_digits(seed=args.seed)
+    seeds = [args.seed] if args.quick else [args.seed + i for i in range(3)]
+    x, y, xt, yt = load_digits()
     epochs = 1 if args.quick else 3
-    sweep = [(128, 1)] if args.quick else [(8, 3), (32, 3), (128, 3), (256, 3), (256, 12)]
+    sweep = [(128, 1)] if args.quick else [(128, 3), (256, 3), (256, 12)]
     forgot_eval_batches = (8, 64) if args.quick else (2, 8, 64)
     console.rule("[bold]bnkit demo[/]: batch norm on scikit-learn's 8x8 digits (real data, no download)")
     console.print(f"{len(x)} training and {len(xt)} test images; a 3-layer CNN with bnkit.BatchNorm2d after each "
-                  f"convolution (momentum 0.1, as torch.nn)")
-    columns = (TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(), TextColumn("steps"),
-               TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=False) as progress:
-        model = _train(digits_cnn(seed=args.seed), x, y, epochs, 64, progress, f"main model, batch 64 x {epochs} ep")
-        runs = [(bs, ep, _train(digits_cnn(seed=args.seed), x, y, ep, bs, progress, f"batch {bs} x {ep} epochs"))
-                for bs, ep in sweep]
-    model.eval()
+                  f"convolution (momentum 0.1, as torch.nn); every number is a mean over seeds {seeds} with its "
+                  f"standard deviation. {time.strftime('%Y-%m-%d')}, {platform.machine()}, "
+                  f"{os.cpu_count()} CPU cores, 1 thread.")
+    columns = (TextColumn("{task.description:<34}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        models = [_train(digits_cnn(seed=s), x, y, epochs, 64, progress, f"main model {s}, batch 64 x {epochs} ep", s)
+                  for s in seeds]
+        runs = [(bs, ep, [_train(digits_cnn(seed=s), x, y, ep, bs, progress, f"batch {bs} x {ep} ep, seed {s}", s)
+                          for s in seeds]) for bs, ep in sweep]
+    for m in models:
+        m.eval()
+    ema = [evaluate(m, xt, yt) for m in models]
+    calibrated = [_calibrated(m, x) for m in models]
+    cal = [evaluate(m, xt, yt) for m in calibrated]
 
     console.rule("1. train/eval gap: what model.eval() changes")
-    t = Table(title_justify="left")
-    t.add_column("test accuracy of the main model")
-    t.add_column("", justify="right")
-    t.add_row("eval mode (running statistics)", f"{evaluate(model, xt, yt):.1%}")
-    for bs in forgot_eval_batches:
-        t.add_row(f"model.eval() forgotten, test batches of {bs}", f"{_accuracy_without_eval(model, xt, yt, bs):.1%}")
-    console.print(t)
-    console.print("Without eval() every prediction depends on the other images in its batch, the more so the smaller "
-                  "the batch (a batch of one fails outright). Where large test batches beat eval mode, the running "
-                  "statistics are stale: see 2. bnkit.freeze_stats(model, use_running=True) keeps a model in eval "
-                  "behaviour whatever its mode.")
+    _rows(console, "main model (batch 64)", [("eval mode (running statistics)", mean_spread(ema))] + [
+        (f"model.eval() forgotten, test batches of {bs}",
+         mean_spread([_accuracy_without_eval(m, xt, yt, bs) for m in models])) for bs in forgot_eval_batches],
+        "Without eval() every prediction depends on the other images in its batch, the more so the smaller the "
+        "batch (a batch of one fails outright). Where large test batches beat eval mode, the running statistics "
+        "are stale: see 2. bnkit.freeze_stats(model, use_running=True) keeps a model in eval behaviour whatever "
+        "its mode.")
 
     console.rule("2. EMA running statistics vs population statistics (bnkit.calibrate)")
-    calibrated = _calibrated(model, x)
-    t = Table()
-    t.add_column("test accuracy")
-    t.add_column("", justify="right")
-    t.add_row("EMA running statistics (what training left)", f"{evaluate(model, xt, yt):.1%}")
-    t.add_row("population statistics (bnkit.calibrate, PreciseBN)", f"{evaluate(calibrated, xt, yt):.1%}")
-    console.print(t)
-    console.print("The EMA averages statistics of weights that kept changing; after short training it lags behind. "
-                  "Recomputing them on the training data costs one pass and no training.")
+    _rows(console, "main model (batch 64)", [("EMA running statistics (what training left)", mean_spread(ema)),
+                                             ("population statistics (bnkit.calibrate, PreciseBN)",
+                                              mean_spread(cal, ema))],
+          "The EMA averages statistics of weights that kept changing; after short training it lags behind. "
+          "Recomputing them on the training data costs one pass and no training.")
 
     console.rule("3. batch-size effects (same learning rate)")
     t = Table()
     for col in ("batch size", "epochs", "steps", "eval, EMA", "eval, calibrated", "forgot eval(), batches of 8"):
         t.add_column(col, justify="right")
-    for bs, ep, m in runs:
-        m.eval()
-        t.add_row(str(bs), str(ep), str(ep * (len(x) // bs)), f"{evaluate(m, xt, yt):.1%}",
-                  f"{evaluate(_calibrated(m, x), xt, yt):.1%}", f"{_accuracy_without_eval(m, xt, yt, 8):.1%}")
+    for bs, ep, ms in runs:
+        for m in ms:
+            m.eval()
+        run_ema = [evaluate(m, xt, yt) for m in ms]
+        t.add_row(str(bs), str(ep), str(ep * (len(x) // bs)), mean_spread(run_ema),
+                  mean_spread([evaluate(_calibrated(m, x), xt, yt) for m in ms], run_ema),
+                  mean_spread([_accuracy_without_eval(m, xt, yt, 8) for m in ms]))
     console.print(t)
-    console.print("Large batches mean few steps per epoch: the EMA has seen too few updates of the final weights, "
-                  "and calibration recovers most of the gap; longer training closes it.")
+    fewest = min(ep * (len(x) // bs) for bs, ep, _ in runs)
+    console.print(f"Large batches mean few steps per epoch: the EMA has seen too few updates of the final weights "
+                  f"(after {fewest} updates at momentum 0.1, 0.9^{fewest} = {0.9 ** fewest:.0%} of the running "
+                  f"statistics is still their initial value), and calibration recovers the gap; longer training "
+                  f"closes it. In brackets: the change from the EMA column, per seed.")
 
-    console.rule("4. bnkit.doctor on the main model")
-    report = doctor(model, x, batch_size=128)
+    console.rule("4. bnkit.doctor on the main model (seed {})".format(seeds[0]))
+    report = doctor(models[0], x, batch_size=128)
     report.print(console)
     report.save(out)
     console.print(f"report written to {out}/index.html ({', '.join(sorted(p.name for p in out.iterdir()))})")
+
+    sb = dict(SMALL_BATCH, epochs=1) if args.quick else SMALL_BATCH
+    console.rule(f"5. small, non-i.i.d. batches: batches of {sb['batch_size']} sorted by class (1-2 classes each)")
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task("small-batch runs", total=None)
+        results = small_batch_comparison(seeds, **sb, methods=DEMO_SMALL_BATCH_METHODS,
+                                         on_run=lambda name, s: progress.advance(task))
+    plain = results["plain BN"]
+    _rows(console, f"method ({sb['epochs']} epochs, lr {sb['lr']}, lr / 10 for the last third)",
+          [(name, mean_spread(acc, None if name == "plain BN" else plain)) for name, acc in results.items()],
+          "Batch statistics of one or two classes carry the label: training leans on them, eval's population "
+          "statistics do not have them. In brackets: the change from plain BN per seed (mean ± std) and how many "
+          "seeds gained; a change smaller than its spread is noise. Larger, shuffled batches are the real fix. "
+          "examples/small_batch_digits.py adds BatchRenorm, ghost BN and GroupNorm and runs 5 seeds.")
+
+    console.rule("6. domain shift: test images at half the contrast and +0.3 brightness")
+    shifted_x, shifted_xt = shift(x), shift(xt)
+    _rows(console, "main model (batch 64)", [
+        ("clean test images, calibrated on the training images", mean_spread(cal)),
+        ("shifted test images, EMA statistics of the training images", mean_spread(
+            [evaluate(m, shifted_xt, yt) for m in models])),
+        ("shifted, statistics calibrated on the training images", mean_spread(
+            [evaluate(m, shifted_xt, yt) for m in calibrated])),
+        ("shifted, bnkit.calibrate on unlabeled shifted images (AdaBN)", mean_spread(
+            [evaluate(_calibrated(m, shifted_x), shifted_xt, yt) for m in models], cal))],
+        "Test-time adaptation: bnkit.calibrate(model, unlabeled_target_batches) re-estimates every layer's "
+        "statistics on the new domain (AdaBN, Li et al. 2016) without labels or training; here on the shifted "
+        "training images (no test image is used). In brackets: the change from clean test images.")
     console.print(f"demo finished in {time.perf_counter() - start:.0f} s")
     return 0
 
@@ -383,9 +452,13 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the ``bnkit`` command with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
-    from rich.console import Console
-
     argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        from rich.console import Console
+    except ImportError:
+        print(f"bnkit: error: the bnkit command prints with rich, which is not installed: {DEMO_EXTRA}",
+              file=sys.stderr)
+        return 2
     console = Console(highlight=False)
     # 'bench' hands everything after it to the benchmark (argparse's REMAINDER mishandles leading options)
     command = next((i for i, a in enumerate(argv) if not a.startswith("-")), len(argv))

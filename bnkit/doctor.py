@@ -12,7 +12,11 @@
   The same ratio for the model output is in ``report.summary``.
 * **Collapsed channels**: population variance ~ 0 (a dead ReLU or pruned filter upstream); eval then
   divides by ``sqrt(eps)``.
-* **Configuration**: a momentum >= 0.5 (a Keras decay such as 0.99 passed as torch momentum), layers
+* **Too few updates for the momentum**: after ``n`` updates at momentum ``m`` the running statistics
+  still hold ``(1 - m) ** n`` of their initial value (mean 0, variance 1); when that share alone
+  explains a stale-statistics error, the finding names it (30 updates at 0.01: 74 %).
+* **Configuration**: a momentum >= :data:`bnkit.stats.momentum.KERAS_LOOKALIKE_THRESHOLD` (a Keras
+  decay such as 0.99 passed as torch momentum), layers
   left in training mode, layers without running statistics, batches that give one value per channel
   (training raises) or very few (noisy statistics), a DataLoader whose last batch has one sample.
 
@@ -104,7 +108,7 @@ class DoctorReport:
     # ---- terminal ----
     def tables(self):
         """``(layers_table, findings_table)`` as rich Tables."""
-        from rich.table import Table
+        Table = _need("rich.table", "printing").Table
 
         t = Table(title="batch-norm layers", title_justify="left")
         for col in ("layer", "type", "C", "momentum", "mode", "mean err", "var err", "train/eval gap",
@@ -123,9 +127,7 @@ class DoctorReport:
         return t, f
 
     def print(self, console=None) -> None:
-        from rich.console import Console
-
-        console = console or Console()
+        console = console or _need("rich.console", "printing").Console()
         layers, findings = self.tables()
         console.print(layers)
         console.print(_summary_line(self.summary))
@@ -135,9 +137,7 @@ class DoctorReport:
             console.print("[green]no findings: the batch-norm layers look healthy on this data[/]")
 
     def __str__(self) -> str:
-        from rich.console import Console
-
-        console = Console(width=120, force_terminal=False, no_color=True)  # plain text
+        console = _need("rich.console", "printing").Console(width=120, force_terminal=False, no_color=True)  # plain text
         with console.capture() as cap:
             self.print(console)
         return cap.get()
@@ -156,10 +156,27 @@ class DoctorReport:
         return out
 
 
+def _need(module: str, what: str):
+    """Import ``module`` of the demo extra (rich, matplotlib), or say how to install it: the diagnosis
+    itself needs neither, only the report's printing and plots do."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ImportError(f"bnkit.doctor: the report's {what} needs {module.split('.')[0]}, which is not installed: "
+                          f'pip install "bnkit[demo]"') from None
+
+
 def _fmt(v) -> str:
     if v is None:
         return "-"
     return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _share(v: float) -> str:
+    """A fraction as a percentage with two significant digits below 1 % (74%, 100%, 0.18%)."""
+    return f"{100 * v:.0f}%" if v >= 0.01 else f"{100 * v:.2g}%"
 
 
 def _pct(v) -> str:
@@ -462,6 +479,8 @@ def _layer_findings(d: LayerDiagnosis, bn: nn.Module, limits: dict, model_traini
             f"{_pct(d.mean_error)} of a std, variance off by {_pct(d.var_error)} (worst channel)",
             "recompute them: bnkit.calibrate(model, train_loader) (PreciseBN) before evaluating or exporting; "
             "or end training with momentum=None / momentum_schedule='cosine'")
+    if errs and max(errs) > limits["stats_error"]:
+        out += _too_few_updates(d, bn, limits)
     if d.train_eval_gap is not None and d.train_eval_gap > limits["train_eval_gap"]:
         add("warning", f"train and eval outputs of this layer differ by {_pct(d.train_eval_gap)} (rms) on the "
                        f"same input",
@@ -486,6 +505,37 @@ def _layer_findings(d: LayerDiagnosis, bn: nn.Module, limits: dict, model_traini
     return out
 
 
+def _too_few_updates(d: LayerDiagnosis, bn: nn.Module, limits: dict) -> list[Finding]:
+    """A stale-statistics finding's cause when it is the initial value the EMA has not yet forgotten.
+
+    Applies to a fixed momentum only: a cumulative average (momentum=None) gives the initial value
+    no weight after one update, and a bnkit schedule's weights depend on its ramp."""
+    m, n = d.momentum, getattr(bn, "num_batches_tracked", None)
+    if (not isinstance(m, (int, float)) or isinstance(m, bool) or n is None or d.population_mean is None
+            or getattr(bn, "momentum_schedule", None) is not None):
+        return []
+    n = int(n)
+    if n == 0 and (any(v != 0 for v in d.ema_mean) or any(v != 1 for v in d.ema_var)):
+        return []  # a counter of 0 with other statistics: loaded from a checkpoint without the counter
+    share = (1.0 - m) ** n  # the initial value's weight in an EMA after n updates
+    pm, pv = torch.tensor(d.population_mean), torch.tensor(d.population_var)
+    # EMA = share * initial + (1 - share) * (average of the batches): the first term's part of the error
+    mean_part = share * float((pm.abs() / (pv + bn.eps).sqrt()).max())
+    var_part = share * float(((1.0 - pv).abs() / (pv + bn.eps)).max())
+    if max(mean_part, var_part) <= limits["stats_error"]:
+        return []
+    enough = 1.0 - 0.05 ** (1.0 / n) if n else None
+    larger = (f"with a larger momentum (>= {enough:.2g} leaves < 5% of the initial value after {n} updates), "
+              if enough is not None and enough > m else "")
+    return [Finding(d.name, "error" if max(mean_part, var_part) > 5 * limits["stats_error"] else "warning",
+                    f"too few updates for the momentum: after {n} updates at momentum={m:g}, (1 - {m:g})^{n} = "
+                    f"{_share(share)} of the running statistics is still the initial value (mean 0, variance 1); "
+                    f"that alone puts the mean off by {_pct(mean_part)} of a std and the variance by "
+                    f"{_pct(var_part)}",
+                    f"bnkit.calibrate(model, train_loader) (no training needed); or train longer, {larger}"
+                    f"or with momentum=None (cumulative average) or a momentum_schedule")]
+
+
 def _data_findings(data) -> list[Finding]:
     if not isinstance(data, torch.utils.data.DataLoader) or data.drop_last or not data.batch_size:
         return []
@@ -501,8 +551,7 @@ def _data_findings(data) -> list[Finding]:
 
 
 def _plots(report: DoctorReport, out: Path) -> list[str]:
-    import matplotlib
-
+    matplotlib = _need("matplotlib", "plotting")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

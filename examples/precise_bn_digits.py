@@ -11,9 +11,12 @@ final weights. The same trained weights are then evaluated with four sets of sta
 * calibrate eval_consistent: exact pooled statistics of the activations eval really produces.
 
 Each recomputation reads the training set once in batches of 64 (the last one holds 4 images).
-Run: ``python examples/precise_bn_digits.py`` (about 20 s on a busy 2-core machine).
+Run: ``python examples/precise_bn_digits.py`` (23 s on a busy 2-core machine, 2026-11-30).
 """
 import copy
+import os
+import platform
+import time
 
 import torch
 from rich.console import Console
@@ -58,6 +61,8 @@ def eval_mismatch(model, loader):
 
 
 def main():
+    global START
+    START = time.perf_counter()
     # Tiny tensors: one thread avoids threading overhead (and behaves the same on a busy machine).
     torch.set_num_threads(1)
     x_train, y_train, x_test, y_test = load_digits()
@@ -83,12 +88,15 @@ def main():
     table.add_column("statistics")
     for seed in SEEDS:
         table.add_column(f"seed {seed}", justify="right")
-    table.add_column("mean", justify="right")
+    table.add_column("mean ± std", justify="right")
     table.add_column("max |running_var / eval var - 1|", justify="right")
     for name, values in accuracy.items():
-        table.add_row(name, *(f"{100 * v:.1f}" for v in values), f"{100 * sum(values) / len(values):.1f}",
+        v = torch.tensor(values) * 100
+        table.add_row(name, *(f"{x:.1f}" for x in v.tolist()), f"{v.mean():.1f} ± {v.std():.1f}",
                       f"{max(mismatch[name]):.2g}")
     Console(width=140).print(table)
+    print(f"{time.strftime('%Y-%m-%d')}, {platform.machine()}, {os.cpu_count()} CPU cores, 1 thread, "
+          f"{time.perf_counter() - START:.0f} s")
 
 
 if __name__ == "__main__":

@@ -95,11 +95,49 @@ def test_demo_quick(capsys, tmp_path, calibrate):
     rc, out, _ = run(capsys, "demo", "--quick", "--out", str(out_dir))
     assert rc == 0
     for section in ("1. train/eval gap", "2. EMA running statistics vs population", "3. batch-size effects",
-                    "4. bnkit.doctor"):
+                    "4. bnkit.doctor", "5. small, non-i.i.d. batches", "6. domain shift"):
         assert section in out
+    for method in ("plain BN, shuffled batches", "plain BN + bnkit.calibrate", "FrozenBN for the last third", "bnkit.calibrate on unlabeled shifted images (AdaBN)"):
+        assert method in out, method
     assert sorted(p.name for p in out_dir.iterdir()) == ["ema_vs_population.png", "index.html",
                                                         "layer_errors.png", "report.json"]
     _one_line_error(*run(capsys, "demo", "--quick", "--out", str(out_dir))[::2], "exists")
+
+
+def test_demo_without_the_demo_extra_says_how_to_install_it(capsys, monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "sklearn", None)  # as if scikit-learn were not installed
+    _one_line_error(*run(capsys, "demo", "--out", str(tmp_path / "d"))[::2], "scikit-learn",
+                    'pip install "bnkit[demo]"')
+    assert not (tmp_path / "d").exists()
+    monkeypatch.setitem(sys.modules, "rich", None)
+    monkeypatch.setitem(sys.modules, "rich.console", None)
+    _one_line_error(*run(capsys, "demo")[::2], "rich", 'pip install "bnkit[demo]"')
+
+
+def test_the_layer_library_works_without_the_demo_extra():
+    """`pip install bnkit` has no scikit-learn, rich or matplotlib: layers and tools still work."""
+    code = """
+import sys
+for m in ("sklearn", "rich", "matplotlib"):
+    sys.modules[m] = None  # any import of them (or their submodules) now raises ImportError
+import torch, bnkit
+from torch import nn
+x = torch.randn(32, 3, 6, 6)
+model = nn.Sequential(nn.Conv2d(3, 4, 3), bnkit.BatchNorm2d(4), nn.ReLU())
+model(x)
+bnkit.calibrate(model, list(x.split(8)))  # progress=True: no bar without rich
+folded, _ = bnkit.fold(model.eval())
+report = bnkit.doctor(model, x, batch_size=8)
+try:
+    str(report)
+except ImportError as e:
+    print(e)
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == ("bnkit.doctor: the report's printing needs rich, which is not installed: "
+                                   'pip install "bnkit[demo]"')
 
 
 def test_bench_is_passed_through_or_explained(capsys, monkeypatch):

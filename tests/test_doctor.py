@@ -3,6 +3,8 @@
 Population statistics come from bnkit.calibrate (the ``calibrate`` fixture in conftest.py).
 """
 import copy
+import pathlib
+import warnings
 
 import pytest
 import torch
@@ -10,6 +12,8 @@ from torch import nn
 
 import bnkit
 from bnkit.doctor import doctor
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _data(n=512, seed=0):
@@ -74,6 +78,73 @@ def test_keras_momentum_is_found(calibrate):
     report = doctor(model.eval(), _data(), batch_size=128)
     [f] = report.findings_for("1")
     assert "Keras" in f.problem and "momentum=0.01" in f.fix and "decay=0.99" in f.fix
+
+
+def _trained_statistics(momentum, updates):
+    """The test model after ``updates`` training-mode batches (running statistics only, no optimizer)."""
+    model = _model(momentum=momentum)
+    data = _data(n=64 * updates, seed=1)
+    with torch.no_grad():
+        for batch in data.split(64):
+            model.train()(batch)
+    return model.eval()
+
+
+def test_too_few_updates_for_the_momentum_is_named_as_the_cause():
+    model = _trained_statistics(momentum=0.01, updates=30)
+    report = doctor(model, _data(), batch_size=128)
+    found = report.findings_for("1")
+    assert "EMA running statistics differ" in _codes(report, "1")
+    [f] = [f for f in found if "too few updates" in f.problem]
+    share = 0.99 ** 30  # 0.7397: the initial mean 0 / variance 1 still weighs 74 %
+    assert "(1 - 0.01)^30 = 74%" in f.problem and f"{share:.0%}" == "74%"
+    assert "bnkit.calibrate" in f.fix and "momentum=None" in f.fix
+    assert f"{1 - 0.05 ** (1 / 30):.2g}" in f.fix       # the momentum that forgets 95 % in 30 updates: 0.095
+    assert not any("Keras" in f.problem for f in report.findings)  # not the convention finding
+    # the initial value's part of the mean error, by hand from the population statistics
+    d = report.layers[0]
+    pm, pv = torch.tensor(d.population_mean), torch.tensor(d.population_var)
+    part = share * float((pm.abs() / (pv + 1e-5).sqrt()).max())
+    assert f"mean off by {100 * part:.1f}% of a std" in f.problem
+
+
+def test_no_update_finding_on_a_well_trained_or_calibrated_model(calibrate):
+    # 0.9^200 = 7e-10 of the initial value left (after 60 updates, 0.2% would still be 156% of the tiny
+    # variance, ~0.001, of the last layer's channels: a true finding)
+    trained = _trained_statistics(momentum=0.1, updates=200)
+    report = doctor(trained, _data(), batch_size=128)
+    assert not any("too few updates" in f.problem for f in report.findings), report.findings
+    few = _trained_statistics(momentum=0.01, updates=30)
+    calibrate(few, list(_data().split(128)), num_batches=4, progress=False)
+    assert int(few[1].num_batches_tracked) == 30          # calibration is not training: 74 % by the formula
+    report = doctor(few, _data(), batch_size=128)
+    assert not any("too few updates" in f.problem for f in report.findings), report.findings
+
+
+
+def test_a_checkpoint_without_the_counter_is_not_blamed_on_too_few_updates():
+    model = _trained_statistics(momentum=0.01, updates=30)
+    model[1].num_batches_tracked.zero_()   # as torch does when loading a checkpoint without the counter
+    report = doctor(model, _data(), batch_size=128)
+    assert "EMA running statistics differ" in _codes(report, "1") and "too few updates" not in _codes(report, "1")
+    model[1].reset_running_stats()         # never trained: 0 updates, the initial values themselves
+    assert "(1 - 0.01)^0 = 100%" in _codes(doctor(model, _data(), batch_size=128), "1")
+
+
+def test_keras_threshold_is_the_documented_constant(calibrate):
+    from bnkit.stats.momentum import KERAS_LOOKALIKE_THRESHOLD
+
+    assert KERAS_LOOKALIKE_THRESHOLD == 0.5
+    assert "`momentum` >= 0.5" in (ROOT / "README.md").read_text()
+    for momentum, flagged in ((0.6, True), (0.5, True), (0.45, False)):
+        model = _model(momentum=momentum)
+        calibrate(model, list(_data().split(128)), num_batches=4, progress=False)
+        report = doctor(model.eval(), _data(), batch_size=128)
+        assert any("Keras" in f.problem for f in report.findings_for("1")) == flagged, momentum
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            bnkit.BatchNorm2d(3, momentum=momentum)
+        assert any("looks like a Keras" in str(w.message) for w in caught) == flagged, momentum
 
 
 def test_layer_left_in_train_mode_is_an_error(healthy):

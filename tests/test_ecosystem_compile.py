@@ -58,7 +58,7 @@ def test_compile_fullgraph_matches_eager_train_and_eval():
 
 def test_named_schedule_needs_no_host_sync():
     # The schedule is evaluated on num_batches_tracked as a tensor: the same factors as the int path.
-    sched = bnkit.momentum.cosine_ramp(10, start=0.1)
+    sched = bnkit.momentum.Schedule("cosine", 0.1, 10)
     steps = torch.arange(1, 15, dtype=torch.float64)
     on_device = sched(steps)
     assert isinstance(on_device, torch.Tensor) and on_device.dtype == torch.float64

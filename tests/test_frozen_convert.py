@@ -136,10 +136,10 @@ def test_refusals_leave_model_untouched():
     with pytest.raises(ValueError, match="no running statistics to freeze"):
         bnkit.freeze(nn.BatchNorm2d(3, track_running_stats=False))
     with pytest.raises(ValueError, match="BatchRenorm has no 'torch' equivalent"):
-        convert(bnkit.BatchRenorm2d(3), "torch")
+        convert(bnkit.BatchRenorm2d(3, rmax=3.0, dmax=5.0), "torch")
     with pytest.raises(ValueError, match="to must be one of"):
         convert(model, "keras")
-    assert isinstance(bnkit.freeze(bnkit.BatchRenorm2d(3)), bnkit.FrozenBatchNorm2d)
+    assert isinstance(bnkit.freeze(bnkit.BatchRenorm2d(3, rmax=3.0, dmax=5.0)), bnkit.FrozenBatchNorm2d)
 
 
 def test_shared_layer_replaced_everywhere():

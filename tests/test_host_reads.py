@@ -129,3 +129,36 @@ def test_training_on_the_meta_device_works_like_torch():
     assert ours(x).shape == theirs(x).shape == x.shape
     ours.eval(), theirs.eval()
     assert ours(x).device.type == "meta"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("kw", [{}, {"momentum": None}, {"activation": "relu"}])
+def test_default_training_step_is_cuda_graph_capturable(kw):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), bnkit.BatchNorm2d(8, **kw)).cuda()
+    ref = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), bnkit.BatchNorm2d(8, **kw)).cuda()
+    ref.load_state_dict(model.state_dict())
+    static_x = torch.randn(4, 3, 8, 8, device="cuda")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up on a side stream, as torch's docs do
+        for _ in range(2):
+            model(static_x).sum().backward()
+            ref(static_x).sum().backward()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_y = model(static_x)
+        static_y.sum().backward()
+    for step in range(3):
+        x = torch.randn(4, 3, 8, 8, device="cuda") * (step + 1)
+        static_x.copy_(x)
+        graph.replay()
+        y = ref(x)
+        y.sum().backward()
+        torch.testing.assert_close(static_y, y)
+    bn, bn_ref = model[1], ref[1]
+    # capture records without running: both layers ran 2 warm-up steps and 3 steps (replays / eager)
+    assert bn.num_batches_tracked.item() == bn_ref.num_batches_tracked.item() == 5
+    torch.testing.assert_close(bn.running_mean, bn_ref.running_mean)
+    torch.testing.assert_close(bn.running_var, bn_ref.running_var)

@@ -199,3 +199,57 @@ def test_deepcopy_keeps_conventions():
     bn = bnkit.BatchNorm2d(3, decay=0.97, activation="relu")
     c = copy.deepcopy(bn)
     assert c.momentum == pytest.approx(0.03) and c.activation == "relu" and repr(c) == repr(bn)
+
+
+@pytest.mark.parametrize("momentum", [-1.0, 5.0, float("nan"), True, "0.1"])
+def test_functional_momentum_is_checked_before_any_change(momentum):
+    rm, rv = torch.zeros(3), torch.ones(3)
+    with pytest.raises(ValueError, match=r"batch_norm: momentum must be a number in \[0, 1\]"):
+        batch_norm(torch.randn(4, 3), rm, rv, training=True, momentum=momentum)
+    assert torch.equal(rm, torch.zeros(3)) and torch.equal(rv, torch.ones(3))
+
+
+def test_functional_eps_and_buffer_pairs_as_torch():
+    x = torch.randn(4, 3)
+    for eps in (0.0, -1.0):
+        with pytest.raises(ValueError, match="eps must be positive during training"):
+            torch.nn.functional.batch_norm(x, None, None, training=True, eps=eps)
+        with pytest.raises(ValueError, match=r"batch_norm: batch_norm eps must be positive during training"):
+            batch_norm(x, None, None, training=True, eps=eps)
+    with pytest.raises(ValueError, match="eps must be non-negative"):
+        batch_norm(x, torch.zeros(3), torch.ones(3), training=False, eps=-1.0)
+    with pytest.raises(ValueError, match="running_mean and running_var must both be given"):
+        batch_norm(x, torch.zeros(3), None, training=True)
+
+
+def test_momentum_schedule_value_is_checked():
+    bn = bnkit.BatchNorm1d(3, momentum_schedule=lambda step: 5.0)
+    with pytest.raises(ValueError, match=r"BatchNorm1d\(3\): momentum_schedule returned 5.0 for step 1"):
+        bn(torch.randn(4, 3))
+    assert bn.num_batches_tracked.item() == 0
+
+
+def test_axis_errors_show_the_input_as_given():
+    bn = bnkit.BatchNorm1d(5, axis=-1)
+    with pytest.raises(ValueError, match=r"BatchNorm1d\(5\): expected 5 channels in dimension -1, got 7 "
+                                         r"\(input shape \(4, 3, 7\)\)"):
+        bn(torch.randn(4, 3, 7))
+    with pytest.raises(ValueError, match=r"BatchNorm1d\(5\): axis=9 is out of range for a 3-D input"):
+        bnkit.BatchNorm1d(5, axis=9)(torch.randn(4, 5, 3))
+
+
+def test_refused_batch_does_not_change_last_train_batch_size():
+    bn = bnkit.BatchNorm2d(3, example_weight="auto")
+    bn(torch.randn(8, 3, 2, 2))
+    with pytest.raises(ValueError):
+        bn(torch.randn(5, 4, 2, 2))  # wrong channel count: refused
+    assert bn.last_train_batch_size == 8
+
+
+def test_nonfinite_report_names_the_layers_that_skipped():
+    model = torch.nn.Sequential(bnkit.BatchNorm2d(3), torch.nn.Sequential(bnkit.BatchNorm2d(3)))
+    model[0](torch.randn(4, 3, 2, 2))
+    model[1][0](_nan_batch())
+    with pytest.warns(RuntimeWarning, match=r"BatchNorm2d\(3\): 1 training batch"):
+        assert bnkit.nonfinite_report(model) == {"1.0": 1}
+    assert bnkit.nonfinite_report(model) == {}  # reset after a report

@@ -108,18 +108,20 @@ def test_schedules_use_update_step_and_warmup_starts_as_plain_bn():
     torch.testing.assert_close(warm(x), F.batch_norm(x, None, None, training=True), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("kw,msg", [({"rmax": 0.5}, r"BatchRenorm2d\(4\): rmax must be a number >= 1, got 0.5"),
-                                    ({"dmax": -1}, r"BatchRenorm2d\(4\): dmax must be a number >= 0, got -1"),
-                                    ({"renorm_momentum": 2.0}, r"renorm_momentum must be in \[0, 1\]"),
-                                    ({"virtual_batch_size": 2}, "virtual_batch_size is not supported"),
-                                    ({"track_running_stats": False}, "track_running_stats must be True")])
+@pytest.mark.parametrize("kw,msg", [({"rmax": 0.5, "dmax": 5.0}, r"BatchRenorm2d\(4\): rmax must be a number >= 1, got 0.5"),
+                                    ({"rmax": 3.0, "dmax": -1}, r"BatchRenorm2d\(4\): dmax must be a number >= 0, got -1"),
+                                    ({}, r"BatchRenorm2d\(4\): pass the bounds of r and d, .*renorm_warmup"),
+                                    ({"rmax": 3.0}, r"BatchRenorm2d\(4\): pass the bounds of r and d"),
+                                    ({"rmax": 3.0, "dmax": 5.0, "renorm_momentum": 2.0}, r"renorm_momentum must be in \[0, 1\]"),
+                                    ({"rmax": 3.0, "dmax": 5.0, "virtual_batch_size": 2}, "virtual_batch_size is not supported"),
+                                    ({"rmax": 3.0, "dmax": 5.0, "track_running_stats": False}, "track_running_stats must be True")])
 def test_bad_arguments(kw, msg):
     with pytest.raises(ValueError, match=msg):
         bnkit.BatchRenorm2d(4, **kw)
 
 
 def test_bad_schedule_value_raises_before_buffers_change():
-    bn = bnkit.BatchRenorm2d(2, dmax=lambda step: -0.5)
+    bn = bnkit.BatchRenorm2d(2, rmax=3.0, dmax=lambda step: -0.5)
     with pytest.raises(ValueError, match=r"BatchRenorm2d\(2\): dmax must be a number >= 0 \(schedule value at step 1\)"):
         bn(torch.randn(2, 2, 2, 2))
     assert int(bn.num_batches_tracked) == 0 and torch.equal(bn.renorm_std, torch.ones(2))

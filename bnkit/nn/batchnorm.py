@@ -29,7 +29,7 @@ from ..validation import (NONFINITE_POLICIES, SINGLE_SAMPLE_POLICIES, VARIANCE_K
                           nonfinite_message)
 from .tracing import traced_call
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormBase", "STATS_FROZEN_MODES"]
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormBase", "STATS_FROZEN_MODES", "nonfinite_report"]
 
 _UNSET = object()
 
@@ -57,7 +57,7 @@ class BatchNormBase(_TorchBatchNorm):
         eps: added to the variance for numerical stability. Default 1e-5 (Keras uses 1e-3). As in
             torch, checked when used: > 0 in training, >= 0 in eval.
         momentum: PyTorch's convention, the weight of the *new* batch (default 0.1), or ``None`` for
-            the cumulative average. Values >= 0.75 warn: they look like a Keras decay.
+            the cumulative average. Values >= 0.5 (momentum.KERAS_LOOKALIKE_THRESHOLD) warn: Keras-like.
         affine: learnable ``weight`` (gamma) and ``bias`` (beta). Default True.
         track_running_stats: keep ``running_mean``, ``running_var`` and ``num_batches_tracked``.
         device, dtype: of the parameters and buffers.
@@ -528,6 +528,19 @@ class BatchNormBase(_TorchBatchNorm):
         if self.bias is not None:
             shift = shift + self.bias.detach().to(dtype)
         return scale, shift
+
+
+def nonfinite_report(model: torch.nn.Module, reset: bool = True) -> dict:
+    """``{qualified name: batches skipped}`` for every bnkit layer in ``model`` whose non-finite guard
+    skipped batches since the last report; each such layer also warns. Reads one value per layer
+    from the device: call it where a sync is fine (end of an epoch, before a checkpoint)."""
+    report = {}
+    for name, m in model.named_modules():
+        if isinstance(m, BatchNormBase):
+            count = m.report_nonfinite(reset)
+            if count:
+                report[name] = count
+    return report
 
 
 def _FORCED_KERNELS() -> bool:  # noqa: N802 - reads like the constant it nearly is

@@ -10,7 +10,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..stats import accumulation_dtype
 from .activations import apply_activation
 
 __all__ = ["normalize", "normalize_running", "is_exporting"]

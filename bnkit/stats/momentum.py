@@ -28,13 +28,16 @@ from typing import Callable, Union
 
 import torch
 
-__all__ = ["convert", "resolve", "check_value", "constant", "linear_ramp", "cosine_ramp", "Schedule", "make_schedule",
+__all__ = ["convert", "resolve", "check_value", "Schedule", "make_schedule",
            "KERAS_LOOKALIKE_THRESHOLD"]
 
 CONVENTIONS = ("momentum", "decay", "half_life")
 
-#: A torch-convention momentum at or above this looks like a Keras/TF decay passed by mistake.
-KERAS_LOOKALIKE_THRESHOLD = 0.75
+#: A torch-convention momentum at or above this looks like a Keras/TF decay passed by mistake: the
+#: layer warns and ``bnkit.doctor`` reports it. At 0.5 the newest batch weighs as much as all earlier
+#: ones together (a half-life of one update), which no useful torch setting does, while every usual
+#: Keras/TF/Flax decay (0.9, 0.99, 0.999, and the rarer 0.5-0.7) is caught.
+KERAS_LOOKALIKE_THRESHOLD = 0.5
 
 
 def _to_momentum(value: float, convention: str) -> float:
@@ -164,18 +167,6 @@ class Schedule:
     def __repr__(self) -> str:
         extra = "" if self.kind == "constant" else f", total_steps={self.total_steps}"
         return f"Schedule({self.kind!r}, start={self.start}{extra})"
-
-
-def constant(start: float = 0.1) -> Schedule:
-    return Schedule("constant", start)
-
-
-def linear_ramp(total_steps: int, start: float = 0.1) -> Schedule:
-    return Schedule("linear", start, total_steps)
-
-
-def cosine_ramp(total_steps: int, start: float = 0.1) -> Schedule:
-    return Schedule("cosine", start, total_steps)
 
 
 ScheduleLike = Union[None, str, Callable[[int], float]]

@@ -1,0 +1,74 @@
+"""Gradient accumulation: running statistics updated once per k micro-batches, as one big batch."""
+import pytest
+import torch
+
+import bnkit
+
+
+@pytest.mark.parametrize("bn_cls", [bnkit.BatchNorm2d, torch.nn.BatchNorm2d])
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_accumulate_equals_one_big_batch(bn_cls, momentum):
+    k, b = 4, 3
+    micro = [torch.randn(b, 2, 3, 3) * (i + 1) + i for i in range(2 * k)]
+    ours = bn_cls(2, momentum=momentum)
+    with bnkit.accumulate(ours, steps=k):
+        for i, x in enumerate(micro):
+            y = ours(x)
+            ref = torch.nn.functional.batch_norm(x, None, None, ours.weight, ours.bias, training=True)
+            torch.testing.assert_close(y, ref, rtol=1e-6, atol=1e-6)  # normalization unchanged
+    big = torch.nn.BatchNorm2d(2, momentum=momentum)
+    big(torch.cat(micro[:k]))
+    big(torch.cat(micro[k:]))
+    torch.testing.assert_close(ours.running_mean, big.running_mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours.running_var, big.running_var, rtol=1e-5, atol=1e-6)
+    assert ours.num_batches_tracked.item() == 2
+
+
+def test_accumulate_flushes_leftovers_and_restores_layers():
+    bn = bnkit.BatchNorm1d(3)
+    xs = [torch.randn(4, 3) + 2 for _ in range(3)]
+    with bnkit.accumulate(bn, steps=5):
+        for x in xs:
+            bn(x)
+        assert bn.num_batches_tracked.item() == 0
+    assert bn.num_batches_tracked.item() == 1 and bn.stats_frozen is None and not bn._moments_hooks
+    ref = torch.nn.BatchNorm1d(3)
+    ref(torch.cat(xs))
+    torch.testing.assert_close(bn.running_var, ref.running_var, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="steps must be a positive int"):
+        with bnkit.accumulate(bn, steps=0):
+            pass
+
+
+@pytest.mark.parametrize("bn_cls", [bnkit.BatchNorm1d, torch.nn.BatchNorm1d])
+def test_accumulate_pools_only_batches_the_layer_accepted(bn_cls):
+    bn = bn_cls(3)
+    good = [torch.randn(4, 3) + 1, torch.randn(4, 3) - 2]
+    with bnkit.accumulate(bn, steps=2):
+        bn(good[0])
+        for bad in (torch.randn(1, 3), torch.randn(4, 5)):  # a batch of one; a wrong channel count
+            with pytest.raises((ValueError, RuntimeError)):
+                bn(bad)
+        bn(good[1])
+    ref = torch.nn.BatchNorm1d(3)
+    ref(torch.cat(good))
+    torch.testing.assert_close(bn.running_var, ref.running_var, rtol=1e-5, atol=1e-6)
+    assert bn.num_batches_tracked.item() == 1
+
+
+@pytest.mark.parametrize("bn_cls", [bnkit.BatchNorm1d, torch.nn.BatchNorm1d])
+def test_nested_accumulate_is_refused_and_leaves_the_layer_as_it_was(bn_cls):
+    bn = bn_cls(3)
+    with bnkit.accumulate(bn, steps=2):
+        with pytest.raises(RuntimeError, match="already inside an accumulate"):
+            with bnkit.accumulate(bn, steps=3):
+                pass
+    x = torch.randn(4, 3)
+    bn(x)  # back to normal: one update per call
+    ref = torch.nn.BatchNorm1d(3)
+    ref(x)
+    torch.testing.assert_close(bn.running_var, ref.running_var)
+    assert bn.num_batches_tracked.item() == 1
+    with pytest.raises(ValueError, match="steps must be a positive int"):
+        with bnkit.accumulate(bn, steps=True):
+            pass
