@@ -3,7 +3,6 @@
 ``bnkit demo``       train a small BN CNN on scikit-learn's bundled digits and show batch norm's pitfalls
 ``bnkit doctor``     diagnose a saved model (TorchScript; ``torch.save`` of the whole model with ``--trust-pickle``)
 ``bnkit momentum``   convert a momentum between PyTorch, Keras and half-life conventions
-``bnkit bench``      the kernel benchmark (benchmarks/bench_kernels.py of a source checkout)
 
 Errors print one line; ``--debug`` shows the traceback instead. Exit status: 0 success, 1 a file or
 the data cannot be used (or an unexpected error; ``doctor --strict``: an error finding), 2 a usage
@@ -378,24 +377,6 @@ def _demo_run(args, console, out: Path, start: float) -> int:
     return 0
 
 
-# ---- bnkit bench ----
-def _bench(args, console) -> int:
-    import importlib
-
-    # A console script does not have the checkout on sys.path; benchmarks/ sits next to the package.
-    root = Path(__file__).resolve().parent.parent
-    if (root / "benchmarks" / "bench_kernels.py").is_file() and str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-    try:
-        bench = importlib.import_module("benchmarks.bench_kernels")
-    except ModuleNotFoundError as e:
-        if e.name not in ("benchmarks", "benchmarks.bench_kernels"):
-            raise
-        raise CLIError("the kernel benchmark (benchmarks/bench_kernels.py) is not part of this installation; "
-                       "run 'bnkit bench' from a source checkout of bnkit") from None
-    return int(bench.main(args.bench_args) or 0)
-
-
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -444,9 +425,6 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--half-life", type=float, help="steps after which a batch's weight has halved")
     m.set_defaults(func=_momentum)
 
-    b = sub.add_parser("bench", parents=[common], help="kernel benchmark (GPU if present, else CPU comparison)",
-                       description="Every argument after 'bench' goes to benchmarks/bench_kernels.py unchanged.")
-    b.set_defaults(func=_bench, bench_args=[])
     return p
 
 
@@ -460,15 +438,9 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     console = Console(highlight=False)
-    # 'bench' hands everything after it to the benchmark (argparse's REMAINDER mishandles leading options)
-    command = next((i for i, a in enumerate(argv) if not a.startswith("-")), len(argv))
-    passed = argv[command + 1:] if argv[command:command + 1] == ["bench"] else []
-    argv = argv[:len(argv) - len(passed)]
     debug = "--debug" in argv
     try:
         args = _parser().parse_args(argv)
-        if passed:
-            args.bench_args = passed
         return args.func(args, console)
     except CLIError as e:
         if debug:

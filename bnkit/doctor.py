@@ -30,7 +30,6 @@ import copy
 import html
 import itertools
 import json
-import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 

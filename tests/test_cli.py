@@ -140,18 +140,6 @@ except ImportError as e:
                                    'pip install "bnkit[demo]"')
 
 
-def test_bench_is_passed_through_or_explained(capsys, monkeypatch):
-    monkeypatch.setitem(sys.modules, "benchmarks.bench_kernels", None)  # as if the checkout had no benchmarks/
-    _one_line_error(*run(capsys, "bench")[::2], "benchmarks/bench_kernels.py", "source checkout")
-    seen = []
-    fake = type(sys)("benchmarks.bench_kernels")
-    fake.main = lambda argv: seen.append(argv) or 0
-    monkeypatch.setitem(sys.modules, "benchmarks", type(sys)("benchmarks"))
-    monkeypatch.setitem(sys.modules, "benchmarks.bench_kernels", fake)
-    assert run(capsys, "bench", "--cpu", "--size", "small")[0] == 0
-    assert seen == [["--cpu", "--size", "small"]]
-
-
 def _subprocess(*argv):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run([sys.executable, "-m", "bnkit", *argv], capture_output=True, text=True, env=env,

@@ -302,7 +302,7 @@ def test_frozen_batch_norm_folds():
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
 
 
-@pytest.mark.parametrize("make", [lambda: bnkit.BatchRenorm2d(4), lambda: bnkit.SyncBatchNorm(4),
+@pytest.mark.parametrize("make", [lambda: bnkit.BatchRenorm2d(4, rmax=3.0, dmax=5.0), lambda: bnkit.SyncBatchNorm(4),
                                   lambda: bnkit.LazyBatchNorm2d(), lambda: bnkit.BatchNorm2d(4, virtual_batch_size=2),
                                   lambda: bnkit.BatchNorm2d(4, activation="leaky_relu", negative_slope=0.2),
                                   lambda: bnkit.BatchNorm2d(4, variance="biased", decay=0.9)],

@@ -64,7 +64,7 @@ CASES = {
     "axis=-1": (lambda: bnkit.BatchNorm1d(4, axis=-1), (6, 5, 4), {}),
     "biased variance": (lambda: bnkit.BatchNorm2d(4, variance="biased"), (6, 4, 3, 3), {}),
     "ghost": (lambda: bnkit.BatchNorm2d(4, virtual_batch_size=2), (6, 4, 3, 3), {}),
-    "renorm": (lambda: bnkit.BatchRenorm2d(4), (6, 4, 3, 3), {}),
+    "renorm": (lambda: bnkit.BatchRenorm2d(4, rmax=3.0, dmax=5.0), (6, 4, 3, 3), {}),
     "renorm warm-up ramps": (lambda: bnkit.BatchRenorm2d(4, **bnkit.renorm_warmup(10, hold=2)), (6, 4, 3, 3), {}),
     "mask": (lambda: bnkit.BatchNorm1d(4), (6, 4, 5), {"mask": True}),
     "lengths": (lambda: bnkit.BatchNorm1d(4), (6, 4, 5), {"lengths": True}),

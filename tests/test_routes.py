@@ -54,7 +54,7 @@ X4 = torch.randn(6, 3, 4, 4)
     (lambda: bnkit.BatchNorm2d(3, example_weight=0.5).eval(), {}, ["_eval_route", "_composed_eval"]),
     (lambda: bnkit.BatchNorm2d(3, variance="biased"), {}, ["_composed_train"]),
     (lambda: bnkit.BatchNorm2d(3, virtual_batch_size=2), {}, ["_composed_train"]),
-    (lambda: bnkit.BatchRenorm2d(3), {}, ["_composed_train"]),
+    (lambda: bnkit.BatchRenorm2d(3, rmax=3.0, dmax=5.0), {}, ["_composed_train"]),
     (lambda: bnkit.BatchNorm2d(3), {"mask": torch.ones(6, 4, 4, dtype=torch.bool)}, ["_composed_train"]),
 ])
 def test_route(make, kw, expected):
