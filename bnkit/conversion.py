@@ -34,7 +34,7 @@ converted like any others.
 
 Subclasses of these classes are converted only when the new layer computes what they compute: a
 subclass that keeps its base's computation (``forward``, and bnkit's ``_batch_statistics``) and
-holds no submodules, and timm's ``BatchNormAct2d``/``SyncBatchNormAct`` (batch norm, then ``drop``,
+holds no submodules and no parameters or buffers of its own, and timm's ``BatchNormAct2d``/``SyncBatchNormAct`` (batch norm, then ``drop``,
 then ``act``) whose ``drop`` is ``Identity`` and whose ``act`` is ``Identity``, ``ReLU``,
 ``LeakyReLU`` or ``SiLU``: the activation becomes the bnkit layer's fused ``activation=``. Any other
 subclass (its own forward, other submodules) is left as it is, with a UserWarning naming it.
@@ -81,6 +81,9 @@ _COMPUTATION = ("forward", "_batch_statistics")
 # Only their structure is checked (timm need not be installed); their forward is timm's own.
 _NORM_ACT = ("BatchNormAct2d", "SyncBatchNormAct")
 _FUSABLE = {nn.Identity: "identity", nn.ReLU: "relu", nn.LeakyReLU: "leaky_relu", nn.SiLU: "silu"}
+# The parameters and buffers of the known classes: a subclass with more holds state the new layer would drop.
+_TENSORS = {"weight", "bias", "running_mean", "running_var", "num_batches_tracked"}
+_RENORM_TENSORS = _TENSORS | {"renorm_mean", "renorm_std"}
 
 
 def _added_activation(m: nn.Module):
@@ -89,6 +92,10 @@ def _added_activation(m: nn.Module):
     if type(m) in _KNOWN:
         return None
     base = next(c for c in type(m).__mro__ if c in _KNOWN)
+    extra = set(m._parameters) | set(m._buffers)
+    extra -= _RENORM_TENSORS if issubclass(base, BatchRenormBase) else _TENSORS
+    if extra:
+        return f"it holds parameters or buffers ({', '.join(sorted(extra))}) that the new layer would not keep"
     children = dict(m.named_children())
     if type(m).__name__ in _NORM_ACT and not issubclass(base, (BatchNormBase, FrozenBatchNorm)) \
             and set(children) <= {"act", "drop"}:

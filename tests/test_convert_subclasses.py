@@ -91,7 +91,8 @@ def test_norm_act_to_frozen_keeps_the_activation():
     (lambda: BatchNormAct2d(4, act_layer=nn.GELU), r"its drop=Identity / act=GELU are not batch norm plus one of bnkit's fused"),
     (lambda: BatchNormAct2d(4, drop_layer=lambda: nn.Dropout(0.1)), r"its drop=Dropout / act=ReLU"),
     (lambda: _Scaled(4), r"it overrides forward of torch.nn.modules.batchnorm.BatchNorm2d"),
-    (lambda: _WithGate(4), r"it holds submodules \(gate\)")])
+    (lambda: _WithGate(4), r"it holds submodules \(gate\)"),
+    (lambda: _WithBuffer(4), r"it holds parameters or buffers \(calls\) that the new layer would not keep")])
 def test_subclass_convert_cannot_reproduce_is_left_alone_with_a_warning(to, norm, why):
     model = _model(norm())
     layer = model[1]
@@ -110,6 +111,14 @@ class _WithGate(nn.BatchNorm2d):
     def __init__(self, c):
         super().__init__(c)
         self.gate = nn.Sigmoid()
+
+
+class _WithBuffer(nn.BatchNorm2d):
+    """Torch's computation, plus state of its own in the state_dict."""
+
+    def __init__(self, c):
+        super().__init__(c)
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
 
 
 class _Renamed(nn.BatchNorm2d):
