@@ -243,15 +243,16 @@ class BatchNormBase(_TorchBatchNorm):
         """Batch statistics. Plain batches go through torch's ATen kernel (or a Triton kernel where
         the measured table says it wins); masks, custom batch statistics (ghost, renorm, sync) and
         the biased-variance convention go through composed torch ops."""
-        if mask is not None or self._custom_batch_statistics() or self.variance != "unbiased":
-            return self._composed_train(x, mask, update)
+        custom = self._custom_batch_statistics()
         n = x.numel() // x.shape[1] if x.shape[1] else 0
-        if n == 1:
+        if n == 1 and mask is None and not custom:
             if self.single_sample == "use_running" and self.running_mean is not None:
                 return self._eval_route(x, None)
             if self.single_sample == "skip_update":  # composed ops: x - mean is exactly 0 there
                 return self._composed_train(x, None, False)
             check_batch_size(self.layer_name, x)
+        if mask is not None or custom or self.variance != "unbiased":
+            return self._composed_train(x, mask, update)
         if self._moments_hooks:
             self._check(x)
             self._call_moments_hooks(Moments.of(x))
@@ -314,13 +315,7 @@ class BatchNormBase(_TorchBatchNorm):
                 self._update_running(mean, var, count[0] if count.numel() else count)
             y = normalize(x, mean, var, self.weight, self.bias, self.eps, self.activation, self.negative_slope)
             return torch.where(mask.unsqueeze(1), y, x)
-        n = x.numel() // x.shape[1]
-        if n == 1 and not self._custom_batch_statistics():
-            if self.single_sample == "use_running" and self.running_mean is not None:
-                return self._eval_route(x, None)
-            if self.single_sample == "skip_update":
-                update = False
-        mean, var = _locked(self._batch_statistics, x, update) if update else self._batch_statistics(x, update)
+        mean, var = self._batch_statistics(x, update)
         return normalize(x, mean, var, self.weight, self.bias, self.eps, self.activation, self.negative_slope)
 
     def _composed_eval(self, x: torch.Tensor, mask, alpha: float) -> torch.Tensor:
@@ -371,8 +366,10 @@ class BatchNormBase(_TorchBatchNorm):
     def _update_running(self, mean: torch.Tensor, var: torch.Tensor, n) -> None:
         """Fold ``(mean, biased var over n values)`` into the running statistics (``n=None``: ``var``
         is already the unbiased estimate). ``n`` may be a tensor (masked batches): fewer than 2
-        values leave the statistics unchanged."""
-        mean, var = mean.detach(), var.detach()
+        values leave the statistics unchanged. Read-modify-write under the update lock."""
+        _locked(self._fold, mean.detach(), var.detach(), n)
+
+    def _fold(self, mean: torch.Tensor, var: torch.Tensor, n) -> None:
         enough = None
         if self.variance == "unbiased" and n is not None:
             if isinstance(n, torch.Tensor):
