@@ -2,7 +2,18 @@
 import importlib.util
 import pathlib
 
+import pytest
+import torch
+
 EXAMPLE = pathlib.Path(__file__).resolve().parents[1] / "examples" / "small_batch_digits.py"
+
+
+@pytest.fixture(autouse=True)
+def _keep_threads():
+    """The example sets one thread for itself; later tests must run as configured."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
 
 
 def _load():

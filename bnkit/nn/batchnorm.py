@@ -269,7 +269,21 @@ class BatchNormBase(_TorchBatchNorm):
 
     def _train_aten(self, x: torch.Tensor, n: int, update: bool) -> torch.Tensor:
         """torch's own fused training kernel; the running update happens on a scratch copy that the
-        guard then commits on the device (the scratch, not the buffers, is what autograd saves)."""
+        guard then commits on the device (the scratch, not the buffers, is what autograd saves).
+
+        torch's CPU kernels for channels_last and ``(N, C)`` input compute the variance as
+        E[x^2] - E[x]^2, which cancels when |mean| >> std; its contiguous kernel does not. So on the
+        CPU channels_last input runs contiguous (the output keeps the input's layout), and ``(N, C)``
+        input is shifted by its first row (batch norm does not change under a per-channel shift).
+        """
+        if x.device.type == "cpu" and n > 1:
+            layout = _channels_last_format(x)
+            if layout is not None:
+                y = self._train_aten(_Contiguous.apply(x, layout), n, update)
+                return y.contiguous(memory_format=layout)
+        shift = x[0].detach() if x.device.type == "cpu" and x.dim() == 2 and n > 1 else None
+        if shift is not None:
+            x = x - shift
         if not update:
             return self._explained(x, self._aten, x, None, None, True, 0.0)
         if n == 0:  # torch.nn: empty output, statistics untouched, the batch counted
@@ -277,9 +291,9 @@ class BatchNormBase(_TorchBatchNorm):
             if self.num_batches_tracked is not None:
                 self.num_batches_tracked.add_(1)
             return y
-        return self._explained(x, _locked, self._aten_update, x, self._momentum_for_update())
+        return self._explained(x, _locked, self._aten_update, x, self._momentum_for_update(), shift)
 
-    def _aten_update(self, x: torch.Tensor, momentum) -> torch.Tensor:
+    def _aten_update(self, x: torch.Tensor, momentum, shift: torch.Tensor | None) -> torch.Tensor:
         buffers = self._buffers
         running_mean, running_var = buffers["running_mean"], buffers["running_var"]
         ema_in_kernel = isinstance(momentum, float)
@@ -288,11 +302,8 @@ class BatchNormBase(_TorchBatchNorm):
         else:  # momentum 1 leaves the batch's (mean, unbiased var) in the scratch
             scratch = running_mean.new_zeros((2,) + running_mean.shape)
         new_mean, new_var = scratch.unbind()
-        shift = _stability_shift(x)
-        if shift is not None:  # CPU kernels for (N, C) and channels_last use E[x^2] - E[x]^2
-            x = x - shift.view((1, -1) + (1,) * (x.dim() - 2))
-            if ema_in_kernel:
-                new_mean.sub_(shift.to(scratch.dtype))
+        if shift is not None and ema_in_kernel:  # the kernel sees x - shift: its running mean too
+            new_mean.sub_(shift.to(scratch.dtype))
         y = self._aten(x, new_mean, new_var, True, momentum if ema_in_kernel else 1.0)
         if shift is not None:
             new_mean = new_mean + shift.to(new_mean.dtype)
@@ -554,17 +565,26 @@ def _locked(fn, *args):
         return fn(*args)
 
 
-def _stability_shift(x: torch.Tensor) -> torch.Tensor | None:
-    """A per-channel shift (the first sample's values, detached) for the CPU kernels that compute the
-    variance as E[x^2] - E[x]^2 ((N, C) and channels_last input), which cancels when |mean| >> std.
-    Batch norm is invariant to a per-channel shift, so outputs and gradients are unchanged."""
-    if x.device.type != "cpu" or x.shape[0] == 0:
+class _Contiguous(torch.autograd.Function):
+    """``x.contiguous()`` whose gradient keeps ``x``'s layout (channels_last in, channels_last dx out,
+    as torch.nn gives)."""
+
+    @staticmethod
+    def forward(ctx, x, layout):
+        ctx.layout = layout
+        return x.contiguous()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous(memory_format=ctx.layout), None
+
+
+def _channels_last_format(x: torch.Tensor):
+    """``torch.channels_last(_3d)`` when ``x`` (4-D/5-D, more than one channel) is laid out that way, else None."""
+    if x.dim() not in (4, 5) or x.shape[1] < 2 or x.is_contiguous():
         return None
-    if x.dim() == 2:
-        return x[0].detach()
-    if x.dim() in (4, 5) and x.stride(1) == 1 and x.shape[1] > 1 and not x.is_contiguous():
-        return x[(0, slice(None)) + (0,) * (x.dim() - 2)].detach()
-    return None
+    layout = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+    return layout if x.is_contiguous(memory_format=layout) else None
 
 
 _METADATA_KEY = "bnkit_conventions"
