@@ -204,15 +204,18 @@ class BatchNormBase(_TorchBatchNorm):
         if use_batch and x.numel() // max(x.shape[1], 1) < 2:
             return None
         update = use_batch and self._updates_running_stats()
-        fused = kernels_for(x)
+        fused = kernels_for(x, use_batch, self.memory_efficient)
         if fused is not None:
             if not use_batch:
                 return fused.eval_forward(x, self.running_mean, self.running_var, self.weight, self.bias, self.eps,
                                           self.activation, self.negative_slope)
-            return fused.train_forward(self.layer_name, x, x.numel() // x.shape[1], self.weight, self.bias,
-                                       self.running_mean, self.running_var, self.num_batches_tracked,
-                                       self._update_momentum() if update else None, update, self.nonfinite,
-                                       self.eps, self.activation, self.negative_slope, self.memory_efficient)
+            y, mean, var = fused.train_forward(x, self.weight, self.bias, self.eps, self.activation,
+                                               self.negative_slope, self.memory_efficient)
+            if update:
+                batch_statistics_update(self.layer_name, mean, var, x.numel() // x.shape[1], self.running_mean,
+                                        self.running_var, self._update_momentum(), self.num_batches_tracked,
+                                        self.nonfinite)
+            return y
         if not use_batch or torch.compiler.is_compiling() or self.eps <= 0:  # ATen refuses eps=0 in training
             return None
         return native_train_forward(self.layer_name, x, self.weight, self.bias,
