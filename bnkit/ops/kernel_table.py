@@ -3,8 +3,8 @@
 Backend ``"auto"`` sends a CUDA tensor to the kernels only when a row below matches it; everything
 else takes torch's kernel. A row is kept only when the kernels were measured at least
 ``MIN_SPEEDUP`` times faster than torch.nn eager (BN+ReLU, forward + backward in training, the
-forward in eval) on every shape it stands for. Re-measure with the command below on a GPU and
-replace the rows (``bench_kernels.py --table`` prints them in this form).
+forward in eval) on every shape it stands for. Re-measure with the command below on a GPU (its
+"vs eager" column) and replace the rows.
 """
 from __future__ import annotations
 
