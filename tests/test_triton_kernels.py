@@ -439,3 +439,57 @@ def test_large_shape_plan_matches_float64(interpreter, tuned, channels_last):
     for name, a, b in zip(("y", "mean", "var", "dx", "dweight", "dbias"), got, want):
         err = ((a.double() - b).norm() / b.norm()).item()
         assert err < 1e-5, (name, err)
+
+
+def test_launch_arguments_follow_each_kernels_signature(tiles, monkeypatch):
+    # After the first launch the compiled kernel is called positionally, constexprs appended in the order
+    # given: they must be the kernel's trailing parameters, in its order, for every launch made.
+    seen = []
+    real = launch._launch
+
+    def checking(kernel, grid, key, args, consts, num_warps):
+        names = kernel.arg_names
+        assert len(args) + len(consts) == len(names) and [n for n, _ in consts] == names[len(args):], names
+        seen.append(kernel)
+        return real(kernel, grid, key, args, consts, num_warps)
+
+    monkeypatch.setattr(launch, "_launch", checking)
+    for merge in (None, 0):
+        tiles.update(merge_splits=merge)
+        ours, _ = _pair(bnkit.BatchNorm2d, 3, activation="relu")
+        _run(ours, torch.randn(4, 3, 5, 5), torch.randn(4, 3, 5, 5), "triton")
+        _run(ours.eval(), torch.randn(4, 3, 5, 5), torch.randn(4, 3, 5, 5), "triton")
+    from bnkit.ops.triton import kernels as K
+    assert set(seen) == {K._stats_kernel, K._finalize_stats_kernel, K._normalize_kernel, K._grad_sums_kernel,
+                         K._finalize_sums_kernel, K._grad_input_kernel}
+
+
+def test_compiled_launcher_reused_only_for_the_same_key(interpreter, monkeypatch):
+    calls = []
+
+    class Compiled:  # what Triton's JIT entry returns on a GPU
+        def __getitem__(self, grid):
+            return lambda *args: calls.append(("compiled", grid, args))
+
+    class Kernel:
+        def __getitem__(self, grid):
+            def jit(*args, **kwargs):
+                calls.append(("jit", grid, args, kwargs))
+                return Compiled()
+            return jit
+
+    monkeypatch.setattr(launch, "_interpreting", lambda: False)
+    monkeypatch.setattr(launch, "_launchers", {})
+    kernel, consts = Kernel(), (("A", 2), ("B", True))
+    launch._launch(kernel, (2, 3), ("plan", "sig"), (10, 20), consts, 4)
+    launch._launch(kernel, (2, 3), ("plan", "sig"), (11, 21), consts, 4)
+    launch._launch(kernel, (2, 3), ("plan", "other sig"), (12, 22), consts, 4)
+    launch._launch(kernel, (2, 3), ("plan", "sig"), (13, 23), (("A", 2), ("B", False)), 4)
+    assert calls == [("jit", (2, 3), (10, 20), {"A": 2, "B": True, "num_warps": 4}),
+                     ("compiled", (2, 3), (11, 21, 2, True)),
+                     ("jit", (2, 3), (12, 22), {"A": 2, "B": True, "num_warps": 4}),
+                     ("jit", (2, 3), (13, 23), {"A": 2, "B": False, "num_warps": 4})]
+    # the pointer signature: dtype and 16-byte alignment, as Triton specializes them
+    x = torch.zeros(8)
+    assert launch._signature(x, None, x[1:], x[4:].half()) == (
+        (torch.float32, True), None, (torch.float32, False), (torch.float16, True))
