@@ -175,7 +175,7 @@ def test_eval_forward_and_backward(interpreter):
 
 @pytest.mark.parametrize("momentum,nonfinite", [(None, "propagate"), (0.3, "propagate"), (None, "skip")])
 def test_running_statistics_over_steps(interpreter, momentum, nonfinite):
-    # "propagate" updates inside the finalize kernel; "skip" goes through the foundation's update
+    # the layer updates the running statistics from the batch statistics the kernels return
     ours, theirs = _pair(bnkit.BatchNorm1d, 3, momentum=momentum, nonfinite=nonfinite)
     for step in range(3):
         x = torch.randn(5 + step, 3, 4) * (step + 1) + step
@@ -349,7 +349,7 @@ def test_custom_ops_fake_and_schema(interpreter):
 
 
 def test_torch_compile_traces_the_custom_ops(interpreter):
-    # fullgraph: the mutating op (running-stat update in the finalize kernel) functionalizes, no graph break
+    # fullgraph: the custom ops (fake implementations) trace without a graph break; the running update is torch ops
     ours, theirs = _pair(bnkit.BatchNorm2d, 4, activation="relu", momentum=None, nonfinite="propagate")
     compiled = torch.compile(ours, backend="aot_eager", fullgraph=True)
     x, dy = torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3)

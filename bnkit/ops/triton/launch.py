@@ -204,12 +204,15 @@ def train_forward(x, weight, bias, eps: float, activation: str, negative_slope: 
         if not p.merge:
             _launch(K._finalize_stats_kernel, (p.grid[0],), key, (cnt_p, mean_p, m2_p, mean, var, C, p.splits),
                     p.blocks[2:3], 4)
-        _normalize(x, y, mean, var, weight, bias, p, key, eps, activation, negative_slope, partials if p.merge else None)
+        _normalize(x, y, mean, var, weight, bias, p, key, eps, activation, negative_slope,
+                   (cnt_p, mean_p, m2_p) if p.merge else None)
     return y, mean, var
 
 
 def _normalize(x, y, mean, var, weight, bias, p: Plan, key, eps, activation, negative_slope, partials):
-    cnt_p, mean_p, m2_p = (mean, mean, mean) if partials is None else partials.unbind()
+    """The normalize launch; ``partials`` (count, mean, M2) to merge in its prologue, or None to read
+    ``mean``/``var``."""
+    cnt_p, mean_p, m2_p = (mean, mean, mean) if partials is None else partials
     _launch(K._normalize_kernel, p.grid, key,
             (x, y, mean, var, weight if weight is not None else mean, bias if bias is not None else mean,
              cnt_p, mean_p, m2_p, *p.shape_args, *p.strides, *p.tile_args, p.splits, eps, negative_slope),
