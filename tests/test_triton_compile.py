@@ -53,16 +53,16 @@ for layout, blocks in BLOCKS.items():
         ptx = compile_(K._stats_kernel, INT64=int64, **blocks)
         out[f"stats/{layout}/int64={int64}"] = "ld.global.v4" in ptx
     for act in range(4):
-        ptx = compile_(K._normalize_kernel, MERGE=act % 2 == 0, HAS_W=act != 1, HAS_B=act != 2, ACT=act,
+        ptx = compile_(K._normalize_kernel, STATS=act % 3, HAS_W=act != 1, HAS_B=act != 2, ACT=act,
                        INT64=False, **blocks)
         out[f"normalize/{layout}/act={act}"] = "ld.global.v4" in ptx and "st.global.v4" in ptx
 for act, from_output in ((0, True), (1, False), (2, True), (3, False)):
     blocks = dict(BLOCK_N=1, BLOCK_L=64, BLOCK_C=64)
     compile_(K._grad_sums_kernel, HAS_W=True, HAS_B=True, ACT=act, FROM_OUTPUT=from_output, INT64=act == 3,
              **blocks)
-    for training, merge in itertools.product((False, True), repeat=2):
-        compile_(K._grad_input_kernel, TRAINING=training, MERGE=merge, HAS_W=True, HAS_B=True, ACT=act,
-                 FROM_OUTPUT=from_output, INT64=False, **blocks)
+    for training, sums in itertools.product((False, True), range(3)):
+        compile_(K._grad_input_kernel, TRAINING=training, SUMS=sums, HAS_W=True, HAS_B=True, ACT=act,
+                 FROM_OUTPUT=from_output, INT64=sums == 2, **blocks)
 compile_(K._finalize_stats_kernel, BLOCK_C=64)
 compile_(K._finalize_sums_kernel, BLOCK_C=1)
 print(json.dumps(out))

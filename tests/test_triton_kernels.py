@@ -27,7 +27,7 @@ import bnkit  # noqa: E402
 from bnkit import reference  # noqa: E402
 from bnkit.ops import backend  # noqa: E402
 
-SMALL = {"block": (2, 4, 2), "programs": 3, "int64": None, "merge_splits": None}  # BLOCK_N, BLOCK_L, BLOCK_C
+SMALL = {"block": (2, 4, 2), "programs": 3, "int64": None, "stats": None}  # BLOCK_N, BLOCK_L, BLOCK_C
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -44,12 +44,16 @@ def interpreter():
     backend.set_backend(None)
 
 
-@pytest.fixture(params=["merged", "finalize"])
+@pytest.fixture(params=["merge", "finalize", "own"])
 def tiles(interpreter, request):
-    """Small tiles and 3 programs per reduction, restored afterwards; the split partials merged in the
-    consumer's prologue (few splits) or by the separate finalize kernels (many splits)."""
+    """Small tiles, restored afterwards. 3 programs per reduction, the split partials merged in the
+    consumer's prologue (few splits) or by the separate finalize kernels (many splits); or one program
+    per channel block, which computes its statistics itself (one launch per direction)."""
     saved = dict(interpreter.tuning)
-    interpreter.tuning.update(SMALL, merge_splits=None if request.param == "merged" else 0)
+    if request.param == "own":
+        interpreter.tuning.update(SMALL, programs=1)
+    else:
+        interpreter.tuning.update(SMALL, stats=request.param)
     yield interpreter.tuning
     interpreter.tuning.update(saved)
 
@@ -414,9 +418,9 @@ def test_interface_train_forward_matches_float64(tiles):
 # The plan a large GPU tensor gets (256x64x56x56 channels_last on an H200: 523 splits of 24 tiles each,
 # the finalize kernels; several channel blocks on wider layers; int64 offsets past 2**31), forced on a
 # small tensor so that the interpreter runs the same code path in CI.
-LARGE_PLAN = [dict(block=(1, 4, 4), programs=64, int64=True, merge_splits=0),  # NHWC-style tiles along C
-              dict(block=(2, 8, 1), programs=64, int64=True, merge_splits=0),  # NCHW-style tiles along L
-              dict(block=(1, 4, 4), programs=64, int64=False, merge_splits=0)]
+LARGE_PLAN = [dict(block=(1, 4, 4), programs=64, int64=True, stats=None),  # NHWC-style tiles along C
+              dict(block=(2, 8, 1), programs=128, int64=True, stats=None),  # NCHW-style tiles along L
+              dict(block=(1, 4, 4), programs=64, int64=False, stats=None)]
 
 
 @pytest.mark.parametrize("tuned", LARGE_PLAN, ids=["nhwc-tiles-int64", "nchw-tiles-int64", "nhwc-tiles-int32"])
@@ -430,7 +434,7 @@ def test_large_shape_plan_matches_float64(interpreter, tuned, channels_last):
         if channels_last:
             x, dy = x.to(memory_format=torch.channels_last), dy.to(memory_format=torch.channels_last)
         p = interpreter.plan(x)
-        assert p.splits >= 8 and p.tile_args[2] > 1 and not p.merge  # many splits of several tiles, finalized
+        assert p.splits > 8 and p.tile_args[2] > 1 and p.stats == interpreter.GIVEN  # many splits, several tiles
         weight, bias = torch.rand(8) + 0.5, torch.randn(8) * 0.5
         got = _interface_step(x, weight, bias, dy)
     finally:
@@ -454,8 +458,8 @@ def test_launch_arguments_follow_each_kernels_signature(tiles, monkeypatch):
         return real(kernel, grid, key, args, consts, num_warps)
 
     monkeypatch.setattr(launch, "_launch", checking)
-    for merge in (None, 0):
-        tiles.update(merge_splits=merge)
+    for stats in ("merge", "finalize"):
+        tiles.update(stats=stats)
         ours, _ = _pair(bnkit.BatchNorm2d, 3, activation="relu")
         _run(ours, torch.randn(4, 3, 5, 5), torch.randn(4, 3, 5, 5), "triton")
         _run(ours.eval(), torch.randn(4, 3, 5, 5), torch.randn(4, 3, 5, 5), "triton")
@@ -493,3 +497,15 @@ def test_compiled_launcher_reused_only_for_the_same_key(interpreter, monkeypatch
     x = torch.zeros(8)
     assert launch._signature(x, None, x[1:], x[4:].half()) == (
         (torch.float32, True), None, (torch.float32, False), (torch.float16, True))
+
+
+@pytest.mark.parametrize("programs,mode", [(1, "OWN"), (3, "MERGE"), (64, "GIVEN")])
+def test_statistics_mode_follows_the_number_of_splits(interpreter, programs, mode):
+    # one split: the consumer computes its statistics itself (1 launch per direction); a few: it merges
+    # the partials in its prologue (2); many: finalize kernels (3)
+    saved = dict(interpreter.tuning)
+    interpreter.tuning.update(SMALL, programs=programs)
+    try:
+        assert interpreter.plan(torch.empty(8, 4, 6, 6)).stats == getattr(interpreter, mode)
+    finally:
+        interpreter.tuning.update(saved)

@@ -23,14 +23,19 @@ from . import kernels as K
 
 #: ``block``: (BLOCK_N, BLOCK_L, BLOCK_C) or None (automatic); ``programs``: target number of
 #: programs per reduction or None (4 per SM on CUDA, 8 elsewhere); ``int64``: force 64-bit offsets
-#: (True) or decide from the largest offset (None); ``merge_splits``: up to this many splits, the
-#: consuming kernel merges the partials in its prologue instead of a separate finalize launch (None: 8).
-tuning = {"block": None, "programs": None, "int64": None, "merge_splits": None}
+#: (True) or decide from the largest offset (None); ``stats``: how the consumer kernels get the
+#: per-channel statistics and gradient sums, None (automatic: computed by themselves with one split,
+#: merged in their prologue with up to ``MERGE_SPLITS``, else a finalize kernel), or forced "merge" /
+#: "finalize".
+tuning = {"block": None, "programs": None, "int64": None, "stats": None}
 
 #: Elements per tile: enough bytes in flight per program, 32 fp32 registers per thread at 8 warps.
 TILE_ELEMENTS = 4096
-#: Default of ``tuning["merge_splits"]``: each program of the consumer re-reads this many partials.
+#: Up to this many splits the consumer kernel merges the partials in its prologue (each of its programs
+#: re-reads them all) instead of a separate finalize launch.
 MERGE_SPLITS = 8
+GIVEN, MERGE, OWN = (int(mode.value) for mode in (K.GIVEN, K.MERGE, K.OWN))  # the kernels' STATS / SUMS
+_STATS = {"own": OWN, "merge": MERGE, "finalize": GIVEN}
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -61,7 +66,7 @@ class Plan:
     key: tuple  # what the plan was built from: part of the compiled-launcher cache key
     C: int
     splits: int
-    merge: bool  # the consumer kernel merges the split partials (no finalize launch)
+    stats: int  # kernels.OWN (1 launch per direction), MERGE (2) or GIVEN (3: finalize kernels)
     grid: tuple[int, int]
     shape_args: tuple[int, int, int]  # N, C, L
     strides: tuple[int, ...]  # sN, sL, sC of x (then dN, dL, dC of dy for backward)
@@ -110,9 +115,9 @@ def _plan(shape: tuple, stride: tuple, other_stride: tuple | None, device: torch
     int64 = tuning["int64"]
     if int64 is None:
         int64 = max(_max_offset(shape, s) for s in (stride, other_stride) if s is not None) >= 2**31
-    merge_splits = MERGE_SPLITS if tuning["merge_splits"] is None else tuning["merge_splits"]
+    stats = tuning["stats"] or ("own" if splits == 1 else "merge" if splits <= MERGE_SPLITS else "finalize")
     strides = (sN, sL, sC) if other_stride is None else (sN, sL, sC, other_stride[0], dL, other_stride[1])
-    return Plan((shape, stride, other_stride, device, tuned), C, splits, splits <= merge_splits,
+    return Plan((shape, stride, other_stride, device, tuned), C, splits, _STATS[stats],
                 (_cdiv(C, block[2]), splits), (N, C, L), strides, (nbL, n_tiles, tps),
                 (("BLOCK_N", block[0]), ("BLOCK_L", block[1]), ("BLOCK_C", block[2]), ("INT64", bool(int64))),
                 8 if math.prod(block) >= 2048 else 4)
@@ -199,24 +204,24 @@ def train_forward(x, weight, bias, eps: float, activation: str, negative_slope: 
     y = torch.empty_like(x)
     key = (p.key, _signature(x, weight, bias))
     with _device_ctx(x):
-        _launch(K._stats_kernel, p.grid, key, (x, cnt_p, mean_p, m2_p, *p.shape_args, *p.strides, *p.tile_args),
-                p.blocks, p.num_warps)
-        if not p.merge:
+        if p.stats != OWN:
+            _launch(K._stats_kernel, p.grid, key, (x, cnt_p, mean_p, m2_p, *p.shape_args, *p.strides, *p.tile_args),
+                    p.blocks, p.num_warps)
+        if p.stats == GIVEN:
             _launch(K._finalize_stats_kernel, (p.grid[0],), key, (cnt_p, mean_p, m2_p, mean, var, C, p.splits),
                     p.blocks[2:3], 4)
-        _normalize(x, y, mean, var, weight, bias, p, key, eps, activation, negative_slope,
-                   (cnt_p, mean_p, m2_p) if p.merge else None)
+        _normalize(x, y, mean, var, weight, bias, p, key, eps, activation, negative_slope, p.stats,
+                   (cnt_p, mean_p, m2_p))
     return y, mean, var
 
 
-def _normalize(x, y, mean, var, weight, bias, p: Plan, key, eps, activation, negative_slope, partials):
-    """The normalize launch; ``partials`` (count, mean, M2) to merge in its prologue, or None to read
-    ``mean``/``var``."""
-    cnt_p, mean_p, m2_p = (mean, mean, mean) if partials is None else partials
+def _normalize(x, y, mean, var, weight, bias, p: Plan, key, eps, activation, negative_slope, stats, partials):
+    """The normalize launch; ``stats`` says whether it reads ``mean``/``var``, merges the ``partials``
+    (count, mean, M2) or computes the statistics itself (see ``kernels._normalize_kernel``)."""
     _launch(K._normalize_kernel, p.grid, key,
             (x, y, mean, var, weight if weight is not None else mean, bias if bias is not None else mean,
-             cnt_p, mean_p, m2_p, *p.shape_args, *p.strides, *p.tile_args, p.splits, eps, negative_slope),
-            (("MERGE", partials is not None), ("HAS_W", weight is not None), ("HAS_B", bias is not None),
+             *partials, *p.shape_args, *p.strides, *p.tile_args, p.splits, eps, negative_slope),
+            (("STATS", stats), ("HAS_W", weight is not None), ("HAS_B", bias is not None),
              ("ACT", K.ACT_CODES[activation])) + p.blocks, p.num_warps)
 
 
@@ -226,7 +231,7 @@ def eval_forward(x, mean, var, weight, bias, eps: float, activation: str, negati
     y = torch.empty_like(x)
     with _device_ctx(x):
         _normalize(x, y, mean, var, weight, bias, p, (p.key, _signature(x, mean, var, weight, bias)), eps, activation,
-                   negative_slope, None)
+                   negative_slope, GIVEN, (mean, mean, mean))
     return y
 
 
@@ -249,14 +254,16 @@ def backward(dy, saved, mean, var, weight, bias, eps: float, training: bool, act
     flags = (("HAS_W", weight is not None), ("HAS_B", bias is not None), ("ACT", K.ACT_CODES[activation]),
              ("FROM_OUTPUT", from_output)) + p.blocks
     with _device_ctx(saved):
-        _launch(K._grad_sums_kernel, p.grid, key, (dy, saved, mean, var, w, b, sg_p, sgx_p, *p.shape_args, *p.strides,
-                                                   *p.tile_args, eps, negative_slope), flags, p.num_warps)
-        if not p.merge:
+        if p.stats != OWN:
+            _launch(K._grad_sums_kernel, p.grid, key, (dy, saved, mean, var, w, b, sg_p, sgx_p, *p.shape_args,
+                                                       *p.strides, *p.tile_args, eps, negative_slope),
+                    flags, p.num_warps)
+        if p.stats == GIVEN:
             _launch(K._finalize_sums_kernel, (p.grid[0],), key, (sg_p, sgx_p, dbeta, dgamma, C, p.splits),
                     p.blocks[2:3], 4)
         n, _, length = p.shape_args
         _launch(K._grad_input_kernel, p.grid, key,
                 (dy, saved, dx, mean, var, w, b, dbeta, dgamma, sg_p, sgx_p, *p.shape_args, *p.strides, *p.tile_args,
                  p.splits, float(n * length), eps, negative_slope),
-                (("TRAINING", training), ("MERGE", p.merge)) + flags, p.num_warps)
+                (("TRAINING", training), ("SUMS", p.stats)) + flags, p.num_warps)
     return dx, dgamma, dbeta
