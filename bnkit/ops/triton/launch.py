@@ -198,9 +198,9 @@ def train_forward(x, weight, bias, eps: float, activation: str, negative_slope: 
     """
     x, _, p = prepare(x)
     C = p.C
-    partials = torch.empty(3, p.splits * C, dtype=torch.float32, device=x.device)
-    cnt_p, mean_p, m2_p = partials.unbind()
     mean, var = _f32(C, x), _f32(C, x)  # returned: must not alias each other
+    cnt_p, mean_p, m2_p = (mean,) * 3 if p.stats == OWN else \
+        torch.empty(3, p.splits * C, dtype=torch.float32, device=x.device).unbind()
     y = torch.empty_like(x)
     key = (p.key, _signature(x, weight, bias))
     with _device_ctx(x):
@@ -244,9 +244,9 @@ def backward(dy, saved, mean, var, weight, bias, eps: float, training: bool, act
     """
     saved, dy, p = prepare(saved, dy)
     C = p.C
-    partials = torch.empty(2, p.splits * C, dtype=torch.float32, device=saved.device)
-    sg_p, sgx_p = partials.unbind()
     dbeta, dgamma = _f32(C, saved), _f32(C, saved)  # returned: must not alias each other
+    sg_p, sgx_p = (dbeta, dbeta) if p.stats == OWN else \
+        torch.empty(2, p.splits * C, dtype=torch.float32, device=saved.device).unbind()
     dx = torch.empty_like(saved)
     w = weight if weight is not None else mean
     b = bias if bias is not None else mean
