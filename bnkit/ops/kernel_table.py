@@ -15,7 +15,7 @@ __all__ = ["DEVICE", "DATE", "COMMAND", "MIN_SPEEDUP", "Row", "ROWS", "matching_
 DEVICE = "one NVIDIA H200 (4.22 TB/s device copy), PyTorch 2.11, Triton 3.6"
 DATE = "2026-11-30"
 COMMAND = ("python benchmarks/bench_kernels.py (triton.testing.do_bench medians, BN+ReLU, bnkit at commit 8a0339c "
-           "with nonfinite='propagate'); numbers in /work/shared/notes/kernels.md and benchmarks/RESULTS.md")
+           "with nonfinite='propagate'); the numbers are in benchmarks/RESULTS.md")
 MIN_SPEEDUP = 1.10
 
 
