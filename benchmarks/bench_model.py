@@ -24,7 +24,7 @@ Without CUDA (and without ``--cpu``) it prints "no CUDA device: skipped" and exi
 from __future__ import annotations
 
 import argparse
-import copy
+import functools
 import statistics
 import sys
 import time
@@ -215,8 +215,7 @@ def run(setup: Setup, variants, steps: int, out=print):
         reads, syncs = count_host_reads(setup, step)
         run_model.eval()
         with torch.no_grad(), setup.autocast():
-            def infer():
-                return run_model(x)
+            infer = functools.partial(run_model, x)
             infer()
             evaluation = time_ms(setup, infer, steps)
         run_model.train()
@@ -225,7 +224,7 @@ def run(setup: Setup, variants, steps: int, out=print):
         rows[variant] = dict(train=train, eval=evaluation, reads=reads, syncs=syncs, graph=graph)
         out(f"| {variant} | {train:.1f} | {train / base:.2f} | {evaluation:.1f} | {reads} | "
             f"{'-' if syncs is None else syncs} | {graph} |")
-        del model, run_model, optimizer, step
+        del model, run_model, optimizer, step, infer  # free the memory before the next model
     return rows
 
 
