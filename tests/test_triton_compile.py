@@ -35,7 +35,7 @@ def compile_(fn, **consts):
         if name in consts:
             sig[name] = "constexpr"
         elif name.isupper() and name not in ("N", "C", "L"):  # pointers: the other upper-case arguments
-            sig[name] = "*i64" if name == "NBT" else ("*bf16" if name in ("X", "Y", "S", "DY", "DX") else "*fp32")
+            sig[name] = "*bf16" if name in ("X", "Y", "S", "DY", "DX") else "*fp32"
             attrs[(i,)] = [["tt.divisibility", 16]]
         else:
             sig[name] = "fp32" if name in FLOATS else "i32"
@@ -53,18 +53,17 @@ for layout, blocks in BLOCKS.items():
         ptx = compile_(K._stats_kernel, INT64=int64, **blocks)
         out[f"stats/{layout}/int64={int64}"] = "ld.global.v4" in ptx
     for act in range(4):
-        ptx = compile_(K._normalize_kernel, STAT_IS_VAR=act == 0, HAS_W=act != 1, HAS_B=act != 2, ACT=act,
+        ptx = compile_(K._normalize_kernel, STATS=act % 3, HAS_W=act != 1, HAS_B=act != 2, ACT=act,
                        INT64=False, **blocks)
         out[f"normalize/{layout}/act={act}"] = "ld.global.v4" in ptx and "st.global.v4" in ptx
 for act, from_output in ((0, True), (1, False), (2, True), (3, False)):
     blocks = dict(BLOCK_N=1, BLOCK_L=64, BLOCK_C=64)
-    compile_(K._grad_sums_kernel, STAT_IS_VAR=False, HAS_W=True, HAS_B=True, ACT=act, FROM_OUTPUT=from_output,
-             INT64=act == 3, **blocks)
-    for training in (True, False):
-        compile_(K._grad_input_kernel, TRAINING=training, STAT_IS_VAR=not training, HAS_W=True, HAS_B=True, ACT=act,
-                 FROM_OUTPUT=from_output, INT64=False, **blocks)
-for update, cumulative in itertools.product((False, True), repeat=2):
-    compile_(K._finalize_stats_kernel, UPDATE=update, CUMULATIVE=cumulative, BLOCK_C=64)
+    compile_(K._grad_sums_kernel, HAS_W=True, HAS_B=True, ACT=act, FROM_OUTPUT=from_output, INT64=act == 3,
+             **blocks)
+    for training, sums in itertools.product((False, True), range(3)):
+        compile_(K._grad_input_kernel, TRAINING=training, SUMS=sums, HAS_W=True, HAS_B=True, ACT=act,
+                 FROM_OUTPUT=from_output, INT64=sums == 2, **blocks)
+compile_(K._finalize_stats_kernel, BLOCK_C=64)
 compile_(K._finalize_sums_kernel, BLOCK_C=1)
 print(json.dumps(out))
 '''

@@ -228,8 +228,7 @@ class BatchNormBase(_TorchBatchNorm):
         alpha = self._example_weight()
         if alpha is not None:
             return self._composed_eval(x, mask, alpha)
-        kernels = kernels_for(x, training=False, activation=self.activation) if x.is_cuda or _FORCED_KERNELS() \
-            else None
+        kernels = kernels_for(x, False) if x.is_cuda or _FORCED_KERNELS() else None
         if kernels is not None:
             self._check(x)
             y = kernels.eval_forward(x, self.running_mean, self.running_var, self.weight, self.bias, self.eps,
@@ -256,8 +255,8 @@ class BatchNormBase(_TorchBatchNorm):
         if self._moments_hooks:
             self._check(x)
             self._call_moments_hooks(Moments.of(x))
-        kernels = kernels_for(x, training=True, activation=self.activation) if n > 1 and (x.is_cuda or \
-            _FORCED_KERNELS()) else None
+        kernels = kernels_for(x, True, self.memory_efficient) if n > 1 and (x.is_cuda or _FORCED_KERNELS()) \
+            else None
         if kernels is not None:
             self._check(x)
             y, mean, var = kernels.train_forward(x, self.weight, self.bias, self.eps, self.activation,

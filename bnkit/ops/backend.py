@@ -3,7 +3,12 @@
 ``bnkit.set_backend("auto" | "torch" | "triton")`` (or the environment variable ``BNKIT_BACKEND``,
 read when no backend was set in code):
 
-* ``"auto"`` (default): Triton kernels for CUDA tensors when Triton imports, the torch path otherwise.
+* ``"auto"`` (default): the Triton kernels for a CUDA tensor only where a measured table shipped with
+  bnkit (:mod:`bnkit.ops.kernel_table`: device, date, command, rows) says they beat torch's own
+  kernel by at least 10% (large NCHW training, large eval), or when the layer asks for
+  ``memory_efficient=True`` in training (only the kernels can free the input); torch's path otherwise,
+  and always for CPU tensors. The decision is cached per shape, strides and dtype and reads nothing
+  from the device.
 * ``"torch"``: always the torch path.
 * ``"triton"``: always the kernels; an error if Triton is missing or the tensor is on the CPU, except
   that with ``TRITON_INTERPRET=1`` (set before Triton is imported) CPU tensors run in Triton's
@@ -14,11 +19,15 @@ stay on the torch path whatever the backend.
 """
 from __future__ import annotations
 
+import functools
+import math
 import os
 
 import torch
 
-__all__ = ["BACKENDS", "set_backend", "get_backend", "kernels_for"]
+from .kernel_table import matching_row
+
+__all__ = ["BACKENDS", "set_backend", "get_backend", "kernels_for", "auto_uses_kernels"]
 
 BACKENDS = ("auto", "torch", "triton")
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -57,13 +66,37 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def kernels_for(x: torch.Tensor, training: bool = True, activation: str = "identity"):
-    """The module of Triton ops to run ``x`` with, or None for the torch path."""
+def _layout(shape: tuple, stride: tuple) -> str | None:
+    """"nchw" when the flattened spatial axis is contiguous, "nhwc" when the channels are, else None."""
+    spatial = [(size, st) for size, st in zip(shape[2:], stride[2:]) if size > 1]
+    if not spatial:
+        return None  # (N, C) or spatial size 1: not measured
+    if spatial[-1][1] == 1:
+        return "nchw"
+    return "nhwc" if stride[1] == 1 else None
+
+
+@functools.lru_cache(maxsize=4096)
+def auto_uses_kernels(shape: tuple, stride: tuple, dtype: torch.dtype, training: bool) -> bool:
+    """Backend "auto"'s decision for a CUDA tensor of this shape, strides and dtype (see kernel_table)."""
+    return matching_row("train" if training else "eval", _layout(shape, stride), str(dtype).split(".")[-1],
+                        math.prod(shape), shape[1]) is not None
+
+
+def kernels_for(x: torch.Tensor, training: bool, memory_efficient: bool = False):
+    """The module of Triton ops to run ``x`` with, or None for the torch path.
+
+    ``training``: the layer normalizes with batch statistics; ``memory_efficient``: it asks to keep only
+    its output for backward, which only the kernels do.
+    """
     backend = get_backend()
     if backend == "torch" or x.dtype not in _KERNEL_DTYPES or x.numel() == 0:
         return None
     if backend == "auto":
-        return _triton_ops() if x.is_cuda else None
+        if not x.is_cuda or not ((memory_efficient and training)
+                                 or auto_uses_kernels(x.shape, x.stride(), x.dtype, training)):
+            return None
+        return _triton_ops()
     ops = _triton_ops()
     if ops is None:
         raise RuntimeError(f"bnkit backend 'triton' was requested but Triton does not import "
