@@ -88,12 +88,12 @@ def convert(value: float, from_: str, to: str) -> float:
     raise ValueError(f"unknown momentum convention {to!r}; expected one of {CONVENTIONS}")
 
 
-def _checked(spec, value, convention: str) -> float:
-    """``value`` as a torch momentum; a bad one raises an error that names ``spec``'s class."""
+def _checked(label: str, value, convention: str) -> float:
+    """``value`` as a torch momentum; a bad one raises an error that starts with ``label``."""
     try:
         return _to_momentum(value, convention)
     except (TypeError, ValueError) as e:
-        raise type(e)(f"{type(spec).__name__}({value!r}): {e}") from None
+        raise type(e)(f"{label}: {e}") from None
 
 
 @dataclass(frozen=True)
@@ -109,7 +109,7 @@ class Decay:
     value: float
 
     def __post_init__(self):
-        _checked(self, self.value, "decay")
+        _checked(f"Decay({self.value!r})", self.value, "decay")
 
     @property
     def momentum(self) -> float:
@@ -131,7 +131,7 @@ class HalfLife:
     steps: float
 
     def __post_init__(self):
-        _checked(self, self.steps, "half_life")
+        _checked(f"HalfLife({self.steps!r})", self.steps, "half_life")
 
     @property
     def momentum(self) -> float:
@@ -232,7 +232,7 @@ class Schedule:
         if self.kind != "constant" and (isinstance(self.total_steps, bool) or not isinstance(self.total_steps, int)
                                         or self.total_steps < 1):
             raise ValueError(f"the {self.kind!r} momentum schedule needs total_steps >= 1, got {self.total_steps}")
-        object.__setattr__(self, "start", _checked(self, self.start, "momentum"))
+        object.__setattr__(self, "start", _checked(f"Schedule({self.kind!r}, start={self.start!r})", self.start, "momentum"))
 
     def ramp(self, step):
         if self.kind == "constant":
