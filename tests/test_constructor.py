@@ -214,3 +214,15 @@ def test_memory_efficient_is_a_validated_property():
         assert bn.memory_efficient is False
     # it travels with conversion between bnkit layers
     assert bnkit.convert(nn.Sequential(leaky), "sync")[0].memory_efficient is True
+
+
+def test_whole_model_pickles_of_the_keyword_api_keep_their_behaviour():
+    """A pickled layer from before held ``virtual_batch_size`` and ``memory_efficient`` as attributes."""
+    torch.manual_seed(0)
+    ghost = bnkit.GhostBatchNorm2d(3, virtual_batch_size=2)
+    state = {k: v for k, v in ghost.__dict__.items() if k != "_virtual_batch_size"}
+    old = bnkit.BatchNorm2d.__new__(bnkit.BatchNorm2d)
+    old.__setstate__({**state, "virtual_batch_size": 2, "memory_efficient": True})
+    assert type(old) is bnkit.GhostBatchNorm2d and old.virtual_batch_size == 2 and old.memory_efficient is True
+    x = torch.randn(6, 3, 2, 2)
+    torch.testing.assert_close(old(x), ghost(x))

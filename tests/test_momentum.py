@@ -49,7 +49,8 @@ def test_one_momentum_value_and_bad_values():
 
 
 def test_keras_lookalike_momentum_warns_with_the_fix():
-    with pytest.warns(UserWarning, match=r"BatchNorm2d\(4\): momentum=0.99 .* write momentum=bnkit.momentum.Decay\(0.99\)"):
+    with pytest.warns(UserWarning,
+                      match=r"BatchNorm2d\(4\): momentum=0.99 .* write momentum=bnkit.momentum.Decay\(0.99\)"):
         bnkit.BatchNorm2d(4, momentum=0.99)
     with warnings.catch_warnings():
         warnings.simplefilter("error")

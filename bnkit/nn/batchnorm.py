@@ -151,6 +151,19 @@ class BatchNormBase(_TorchBatchNorm):
         self._moments_hooks: OrderedDict = OrderedDict()
         _register_state_dict_post_hook(self, _record_conventions)
 
+    def __setstate__(self, state: dict) -> None:
+        # Whole-model pickles of bnkit 0.1 held these as plain attributes; they are properties now.
+        state = dict(state)
+        if "memory_efficient" in state:
+            state["_memory_efficient"] = state.pop("memory_efficient")
+        size = state.pop("virtual_batch_size", None)
+        super().__setstate__(state)
+        if size is not None and type(self)._batch_statistics is BatchNormBase._batch_statistics:
+            from . import ghost  # ghost imports this module
+            self.__class__ = {BatchNorm1d: ghost.GhostBatchNorm1d, BatchNorm2d: ghost.GhostBatchNorm2d,
+                              BatchNorm3d: ghost.GhostBatchNorm3d}[type(self)]
+            self.virtual_batch_size = size
+
     @property
     def memory_efficient(self) -> bool:
         """Triton path, training: keep only the output for backward (In-Place ABN), so the input can

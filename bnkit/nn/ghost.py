@@ -63,7 +63,9 @@ class GhostBatchNormBase(BatchNormBase):
 
     def extra_repr(self) -> str:
         s = super().extra_repr()
-        return s.replace(f"{self.num_features}, ", f"{self.num_features}, virtual_batch_size={self.virtual_batch_size}, ", 1)
+        # in the constructor's order: BatchNorm2d(C, virtual_batch_size, eps=..., ...)
+        size = f"virtual_batch_size={self.virtual_batch_size}, "
+        return s.replace(f"{self.num_features}, ", f"{self.num_features}, {size}", 1)
 
 
 class GhostBatchNorm1d(GhostBatchNormBase, BatchNorm1d):

@@ -232,7 +232,8 @@ class Schedule:
         if self.kind != "constant" and (isinstance(self.total_steps, bool) or not isinstance(self.total_steps, int)
                                         or self.total_steps < 1):
             raise ValueError(f"the {self.kind!r} momentum schedule needs total_steps >= 1, got {self.total_steps}")
-        object.__setattr__(self, "start", _checked(f"Schedule({self.kind!r}, start={self.start!r})", self.start, "momentum"))
+        label = f"Schedule({self.kind!r}, start={self.start!r})"
+        object.__setattr__(self, "start", _checked(label, self.start, "momentum"))
 
     def ramp(self, step):
         if self.kind == "constant":
