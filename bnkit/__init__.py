@@ -8,10 +8,15 @@ from .nn import LazyBatchNorm1d, LazyBatchNorm2d, LazyBatchNorm3d
 from .keras import from_keras, to_keras
 from .ops.backend import get_backend, set_backend
 from .stats import momentum
+
+import sys as _sys
+
+_sys.modules[__name__ + ".momentum"] = momentum  # `from bnkit.momentum import Decay` works too
 from .doctor import doctor
 from .fold import fold
 from .nn import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d, BatchRenormBase, renorm_warmup
 from .nn import FrozenBatchNorm, FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d, SyncBatchNorm
+from .nn import GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d, GhostBatchNormBase
 from .nn import DomainBatchNorm, DomainBatchNorm1d, DomainBatchNorm2d, DomainBatchNorm3d, use_domain
 from .conversion import convert, convert_sync_batchnorm, freeze
 
@@ -27,3 +32,4 @@ __all__ += ["BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d", "BatchRenormBase"
 __all__ += ["FrozenBatchNorm", "FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d", "SyncBatchNorm",
             "convert", "convert_sync_batchnorm", "freeze"]
 __all__ += ["DomainBatchNorm", "DomainBatchNorm1d", "DomainBatchNorm2d", "DomainBatchNorm3d", "use_domain"]
+__all__ += ["GhostBatchNorm1d", "GhostBatchNorm2d", "GhostBatchNorm3d", "GhostBatchNormBase"]

@@ -69,13 +69,13 @@ def _momentum(args, console) -> int:
     flag = {"decay": "--keras", "momentum": "--torch", "half_life": "--half-life"}[convention]
     t = Table(title=f"{flag} {value:g}", title_justify="left")
     for col in ("convention", "value", "in bnkit / torch"):
-        t.add_column(col)
+        t.add_column(col, overflow="fold")  # the code column wraps rather than ending in "…"
     t.add_row("PyTorch momentum (weight of the new batch)", f"{values['momentum']:.6g}",
               f"torch.nn.BatchNorm2d(C, momentum={values['momentum']:.6g})")
     t.add_row("Keras/TF/Flax momentum (weight of the old value)", f"{values['decay']:.6g}",
-              f"bnkit.BatchNorm2d(C, decay={values['decay']:.6g})")
+              f"bnkit.BatchNorm2d(C, momentum=bnkit.momentum.Decay({values['decay']:.6g}))")
     t.add_row("half-life (steps until a batch's weight halves)", f"{values['half_life']:.6g}",
-              f"bnkit.BatchNorm2d(C, half_life={values['half_life']:.6g})")
+              f"bnkit.BatchNorm2d(C, momentum=bnkit.momentum.HalfLife({values['half_life']:.6g}))")
     console.print(t)
     return 0
 

@@ -67,7 +67,7 @@ _CLASSES = {"torch": {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d, N
             "frozen": {1: FrozenBatchNorm1d, 2: FrozenBatchNorm2d, 3: FrozenBatchNorm3d, None: FrozenBatchNorm}}
 # bnkit attributes that torch layers lack, copied between bnkit layers.
 _EXTRAS = ("momentum_convention", "momentum_schedule", "activation", "negative_slope", "nonfinite",
-           "virtual_batch_size", "axis", "single_sample", "example_weight", "variance", "memory_efficient")
+           "axis", "single_sample", "example_weight", "variance", "memory_efficient")
 
 
 # The classes whose computation convert knows; a subclass is checked against the nearest of them.

@@ -142,7 +142,7 @@ def small_batch_methods(steps: int) -> dict[str, dict]:
         "plain BN + bnkit.calibrate": {"norm": plain, "calibrate": True},
         "BatchRenorm (warm-up)": {"norm": lambda c: bnn.BatchRenorm2d(
             c, renorm_momentum=0.1, **bnn.renorm_warmup(steps // 2, hold=steps // 10))},
-        "ghost BN (virtual batch 2)": {"norm": lambda c: bnn.BatchNorm2d(c, virtual_batch_size=2)},
+        "ghost BN (virtual batch 2)": {"norm": lambda c: bnn.GhostBatchNorm2d(c, virtual_batch_size=2)},
         "FrozenBN for the last third": {"norm": plain, "freeze": True},
         "GroupNorm (8 groups)": {"norm": lambda c: nn.GroupNorm(8, c)},
     }

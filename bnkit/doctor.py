@@ -458,7 +458,7 @@ def _layer_findings(d: LayerDiagnosis, bn: nn.Module, limits: dict, model_traini
                        f"of the weight: the running statistics follow the last few batches only. It looks like a "
                        f"Keras/TF decay passed as torch momentum.",
             f"use momentum={convert(d.momentum, 'decay', 'momentum'):g} (torch), or bnkit's "
-            f"decay={d.momentum:g}; then bnkit.calibrate(model, loader)")
+            f"momentum=bnkit.momentum.Decay({d.momentum:g}); then bnkit.calibrate(model, loader)")
     if d.training:
         add("warning" if model_training else "error",
             "the layer is in training mode: at inference it normalizes with the statistics of each batch "
@@ -477,7 +477,7 @@ def _layer_findings(d: LayerDiagnosis, bn: nn.Module, limits: dict, model_traini
             f"the EMA running statistics differ from the population statistics of the data: mean off by "
             f"{_pct(d.mean_error)} of a std, variance off by {_pct(d.var_error)} (worst channel)",
             "recompute them: bnkit.calibrate(model, train_loader) (PreciseBN) before evaluating or exporting; "
-            "or end training with momentum=None / momentum_schedule='cosine'")
+            "or end training with momentum=None / momentum=bnkit.momentum.Schedule('cosine', total_steps=...)")
     if errs and max(errs) > limits["stats_error"]:
         out += _too_few_updates(d, bn, limits)
     if d.train_eval_gap is not None and d.train_eval_gap > limits["train_eval_gap"]:
@@ -532,7 +532,7 @@ def _too_few_updates(d: LayerDiagnosis, bn: nn.Module, limits: dict) -> list[Fin
                     f"that alone puts the mean off by {_pct(mean_part)} of a std and the variance by "
                     f"{_pct(var_part)}",
                     f"bnkit.calibrate(model, train_loader) (no training needed); or train longer, {larger}"
-                    f"or with momentum=None (cumulative average) or a momentum_schedule")]
+                    f"or with momentum=None (cumulative average) or a bnkit.momentum.Schedule")]
 
 
 def _data_findings(data) -> list[Finding]:

@@ -10,8 +10,8 @@ epsilon           1e-3                            1e-5
 moving variance   biased batch variance           unbiased (n / (n - 1))
 ================  ==============================  ===========================
 
-:func:`from_keras` builds a bnkit layer with ``decay=momentum``, ``eps=epsilon`` and
-``variance="biased"``, so that in training and in inference it gives Keras's outputs and moving
+:func:`from_keras` builds a bnkit layer with ``momentum=bnkit.momentum.Decay(momentum)``,
+``eps=epsilon`` and ``variance="biased"``, so that in training and in inference it gives Keras's outputs and moving
 statistics::
 
     moving = momentum * moving + (1 - momentum) * batch          # batch variance biased
@@ -29,6 +29,7 @@ import torch
 
 from .fold import eval_affine, not_affine_reason
 from .nn import BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormBase, FrozenBatchNorm
+from .stats.momentum import Decay
 
 __all__ = ["from_keras", "to_keras"]
 
@@ -104,14 +105,15 @@ def from_keras(weights, ndim: int | None = None, *, epsilon: float | None = None
         ndim: rank of the input including the batch dimension: 2 or 3 give ``BatchNorm1d``, 4
             ``BatchNorm2d``, 5 ``BatchNorm3d``. Read from a built Keras layer when not given.
         epsilon, momentum: Keras's (defaults 1e-3 and 0.99, or the layer's). ``momentum`` is Keras's
-            convention, the weight of the old value; the layer gets ``decay=momentum``.
+            convention, the weight of the old value; the layer gets
+            ``momentum=bnkit.momentum.Decay(momentum)``.
         center, scale: whether beta / gamma exist; inferred from the layer, the dict keys or the list
             length when not given. A missing one is fixed (beta = 0, gamma = 1, not trainable), as in Keras.
         device, dtype: of the new layer's parameters and buffers.
 
     Returns:
-        A :class:`bnkit.BatchNorm1d/2d/3d` with ``eps=epsilon``, ``decay=momentum`` and
-        ``variance="biased"``, expecting channels in dimension 1 (``x.movedim(-1, 1)`` for Keras's
+        A :class:`bnkit.BatchNorm1d/2d/3d` with ``eps=epsilon``, ``momentum=bnkit.momentum.Decay(momentum)``
+        and ``variance="biased"``, expecting channels in dimension 1 (``x.movedim(-1, 1)`` for Keras's
         channels-last data).
 
     >>> import numpy as np
@@ -144,7 +146,7 @@ def from_keras(weights, ndim: int | None = None, *, epsilon: float | None = None
                          f"negative number (NaN)")
     layer = _CLASS_FOR_NDIM[ndim](
         channels, eps=settings.get("epsilon", 1e-3) if epsilon is None else epsilon,
-        decay=settings.get("momentum", 0.99) if momentum is None else momentum,
+        momentum=Decay(settings.get("momentum", 0.99) if momentum is None else momentum),
         affine=center or scale, variance="biased", device=device, dtype=dtype)
     with torch.no_grad():
         layer.running_mean.copy_(tensors["moving_mean"])

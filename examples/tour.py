@@ -14,9 +14,9 @@ print("running_var equal:", torch.allclose(ours.running_var, theirs.running_var)
 theirs.load_state_dict(ours.state_dict())
 
 # 2. Momentum without ambiguity.
-keras_like = bnkit.BatchNorm2d(8, decay=0.99)      # Keras/TF momentum=0.99
-print("decay=0.99 is torch momentum", keras_like.momentum)
-print("half_life=10 steps is torch momentum", round(bnkit.BatchNorm2d(8, half_life=10).momentum, 5))
+keras_like = bnkit.BatchNorm2d(8, momentum=bnkit.momentum.Decay(0.99))   # Keras/TF momentum=0.99
+print("Decay(0.99) is torch momentum", keras_like.momentum)
+print("HalfLife(10) steps is torch momentum", round(bnkit.BatchNorm2d(8, momentum=bnkit.momentum.HalfLife(10)).momentum, 5))
 print("bnkit.momentum.convert(0.99, 'decay', 'momentum') =", bnkit.momentum.convert(0.99, "decay", "momentum"))
 
 # 3. Frozen statistics survive model.train().

@@ -44,7 +44,7 @@ def digits_model(tmp_path):
 
 def test_momentum_conversions(capsys):
     rc, out, _ = run(capsys, "momentum", "--keras", "0.99")
-    assert rc == 0 and "momentum=0.01)" in out and "decay=0.99)" in out
+    assert rc == 0 and "momentum=0.01)" in out and "Decay(0.99))" in out
     assert "68.9" in out  # half-life: log(0.5) / log(0.99) = 68.97 steps
     rc, out, _ = run(capsys, "momentum", "--half-life", "1")
     assert rc == 0 and "momentum=0.5)" in out
@@ -148,7 +148,7 @@ def _subprocess(*argv):
 
 def test_python_dash_m_bnkit():
     ok = _subprocess("momentum", "--torch", "0.1")
-    assert ok.returncode == 0 and "decay=0.9)" in ok.stdout
+    assert ok.returncode == 0 and "Decay(0.9))" in ok.stdout
     bad = _subprocess("doctor", "missing-model.pt", "--demo-data")
     assert bad.returncode == 1 and bad.stderr.strip().count("\n") == 0 and "Traceback" not in bad.stderr
     assert "missing-model.pt" in bad.stderr

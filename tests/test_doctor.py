@@ -77,7 +77,7 @@ def test_keras_momentum_is_found(calibrate):
     calibrate(model, list(_data().split(128)), num_batches=4, progress=False)
     report = doctor(model.eval(), _data(), batch_size=128)
     [f] = report.findings_for("1")
-    assert "Keras" in f.problem and "momentum=0.01" in f.fix and "decay=0.99" in f.fix
+    assert "Keras" in f.problem and "momentum=0.01" in f.fix and "momentum=bnkit.momentum.Decay(0.99)" in f.fix
 
 
 def _trained_statistics(momentum, updates):

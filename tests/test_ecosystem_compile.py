@@ -21,8 +21,8 @@ def _model() -> torch.nn.Module:
         torch.nn.Flatten(1),
         torch.nn.Linear(4 * 4 * 4, 6),
         bnkit.BatchNorm1d(6, momentum=0.1, affine=False, activation="relu"),
-        bnkit.BatchNorm1d(6, momentum_schedule="cosine", total_steps=3),       # evaluated on the device
-        bnkit.BatchNorm1d(6, decay=0.99, eps=1e-3, variance="biased"),          # Keras conventions
+        bnkit.BatchNorm1d(6, momentum=bnkit.momentum.Schedule("cosine", total_steps=3)),  # evaluated on the device
+        bnkit.BatchNorm1d(6, momentum=bnkit.momentum.Decay(0.99), eps=1e-3, variance="biased"),  # Keras conventions
     )
 
 
@@ -70,7 +70,7 @@ def test_named_schedule_needs_no_host_sync():
 
 
 def test_named_schedule_layer_matches_reference_float64():
-    layer = bnkit.BatchNorm1d(3, momentum_schedule="cosine", total_steps=4, dtype=torch.float64)
+    layer = bnkit.BatchNorm1d(3, momentum=bnkit.momentum.Schedule("cosine", total_steps=4), dtype=torch.float64)
     sched = layer.momentum_schedule
     mean, var = np.zeros(3), np.ones(3)
     gen = torch.Generator().manual_seed(0)

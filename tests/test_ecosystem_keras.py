@@ -87,7 +87,7 @@ def test_from_keras_errors():
 
 def test_to_keras_round_trip():
     torch.manual_seed(0)
-    layer = bnkit.BatchNorm2d(3, decay=0.95, eps=1e-3, variance="biased")
+    layer = bnkit.BatchNorm2d(3, momentum=bnkit.momentum.Decay(0.95), eps=1e-3, variance="biased")
     layer(torch.randn(4, 3, 2, 2))
     with torch.no_grad():
         layer.weight.uniform_(0.5, 2)
@@ -186,7 +186,7 @@ def test_to_keras_refuses_what_keras_cannot_compute():
                                          r"keras.layers.Activation\('relu'\)"):
         bnkit.to_keras(layer)
     with pytest.raises(ValueError, match=r"keras.layers.LeakyReLU\(negative_slope=0.2\)"):
-        bnkit.to_keras(bnkit.BatchNorm2d(3, activation="leaky_relu", negative_slope=0.2))
+        bnkit.to_keras(bnkit.BatchNorm2d(3, activation=torch.nn.LeakyReLU(0.2)))
     weights, config = bnkit.to_keras(layer, split_activation=True)  # the batch norm alone; relu added by the user
     x = torch.randn(2, 3, 4, 4)
     y_keras = np.maximum(_keras_eval(weights, config, x.movedim(1, -1).double().numpy()), 0)

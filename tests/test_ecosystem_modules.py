@@ -44,9 +44,9 @@ def test_lazy_matches_torch_lazy(lazy, torch_lazy, becomes, shape, affine, track
 
 
 def test_lazy_keeps_bnkit_options_and_loads_a_state_dict():
-    source = bnkit.BatchNorm2d(3, decay=0.9, activation="relu", variance="biased")
+    source = bnkit.BatchNorm2d(3, momentum=bnkit.momentum.Decay(0.9), activation="relu", variance="biased")
     _train_steps(source, torch.randn(4, 3, 2, 2))
-    lazy = bnkit.LazyBatchNorm2d(decay=0.9, activation="relu", variance="biased")
+    lazy = bnkit.LazyBatchNorm2d(momentum=bnkit.momentum.Decay(0.9), activation="relu", variance="biased")
     lazy.load_state_dict(source.state_dict())  # torch's lazy load hook materializes from the checkpoint
     _assert_same_state(lazy, source, rtol=0, atol=0)
     x = torch.randn(4, 3, 2, 2)
@@ -86,8 +86,8 @@ def test_functional_call_with_external_state(ours_cls, theirs_cls, shape):
 
 def test_deepcopy_and_pickle_whole_model():
     torch.manual_seed(0)
-    model = tnn.Sequential(tnn.Conv2d(3, 4, 3), bnkit.BatchNorm2d(4, decay=0.9, activation="relu",
-                                                                  momentum_schedule="linear", total_steps=5),
+    model = tnn.Sequential(tnn.Conv2d(3, 4, 3), bnkit.BatchNorm2d(4, activation="relu", momentum=bnkit.momentum.Schedule(
+                                                                      "linear", total_steps=5, start=0.1)),
                            tnn.Flatten(1), bnkit.BatchNorm1d(16, momentum=None, variance="biased"))
     x = torch.randn(5, 3, 4, 4)
     _train_steps(model, x)

@@ -100,7 +100,7 @@ def test_nested_sequential_and_copy_semantics():
 
 
 def test_bnkit_activation_is_kept_as_a_module():
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), bnkit.BatchNorm2d(4, activation="leaky_relu", negative_slope=0.2))
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), bnkit.BatchNorm2d(4, activation=nn.LeakyReLU(0.2)))
     folded, report = _check_equal(model, torch.randn(2, 3, 6, 6), 1e-5)
     assert isinstance(folded[1], nn.LeakyReLU) and folded[1].negative_slope == 0.2
     assert report.folded[0].replaced_by == "LeakyReLU"
@@ -303,9 +303,9 @@ def test_frozen_batch_norm_folds():
 
 
 @pytest.mark.parametrize("make", [lambda: bnkit.BatchRenorm2d(4, rmax=3.0, dmax=5.0), lambda: bnkit.SyncBatchNorm(4),
-                                  lambda: bnkit.LazyBatchNorm2d(), lambda: bnkit.BatchNorm2d(4, virtual_batch_size=2),
-                                  lambda: bnkit.BatchNorm2d(4, activation="leaky_relu", negative_slope=0.2),
-                                  lambda: bnkit.BatchNorm2d(4, variance="biased", decay=0.9)],
+                                  lambda: bnkit.LazyBatchNorm2d(), lambda: bnkit.GhostBatchNorm2d(4, virtual_batch_size=2),
+                                  lambda: bnkit.BatchNorm2d(4, activation=nn.LeakyReLU(0.2)),
+                                  lambda: bnkit.BatchNorm2d(4, variance="biased", momentum=bnkit.momentum.Decay(0.9))],
                          ids=["renorm", "sync", "lazy", "ghost", "leaky_relu", "keras_conventions"])
 def test_eval_affine_of_trained_variants_is_their_eval(make):
     torch.manual_seed(0)

@@ -100,7 +100,7 @@ def test_freeze_equals_eval_model_and_survives_train():
 
 
 def test_sync_conversion_keeps_parameters_buffers_extras_and_frozen_stats():
-    bn = bnkit.BatchNorm2d(4, decay=0.9, activation="relu", nonfinite="raise")
+    bn = bnkit.BatchNorm2d(4, momentum=bnkit.momentum.Decay(0.9), activation="relu", nonfinite="raise")
     bnkit.freeze_stats(bn)
     model = nn.Sequential(bn, nn.BatchNorm1d(4, momentum=0.3))
     model[1].eval()
@@ -132,7 +132,7 @@ def test_refusals_leave_model_untouched():
         convert(model, "torch")
     assert model[0] is first
     with pytest.raises(ValueError, match="virtual_batch_size"):
-        convert(nn.Sequential(bnkit.BatchNorm2d(3, virtual_batch_size=2)), "sync")
+        convert(nn.Sequential(bnkit.GhostBatchNorm2d(3, virtual_batch_size=2)), "sync")
     with pytest.raises(ValueError, match="no running statistics to freeze"):
         bnkit.freeze(nn.BatchNorm2d(3, track_running_stats=False))
     with pytest.raises(ValueError, match="BatchRenorm has no 'torch' equivalent"):

@@ -1,4 +1,4 @@
-"""Ghost batch norm (``virtual_batch_size=``) against torch.nn applied to each chunk."""
+"""Ghost batch norm (``bnkit.GhostBatchNorm*d``) against torch.nn applied to each chunk."""
 import numpy as np
 import pytest
 import torch
@@ -13,10 +13,10 @@ def _chunked_torch(x, weight, bias, size):
 
 
 @pytest.mark.parametrize("cls,shape,size", [
-    (bnkit.BatchNorm2d, (12, 3, 4, 5), 4),     # divides
-    (bnkit.BatchNorm2d, (10, 3, 4, 5), 4),     # last chunk of 2
-    (bnkit.BatchNorm1d, (11, 5), 3),           # 1-D input, last chunk of 2
-    (bnkit.BatchNorm3d, (5, 2, 2, 3, 2), 2),   # last chunk of one sample, 12 values
+    (bnkit.GhostBatchNorm2d, (12, 3, 4, 5), 4),     # divides
+    (bnkit.GhostBatchNorm2d, (10, 3, 4, 5), 4),     # last chunk of 2
+    (bnkit.GhostBatchNorm1d, (11, 5), 3),           # 1-D input, last chunk of 2
+    (bnkit.GhostBatchNorm3d, (5, 2, 2, 3, 2), 2),   # last chunk of one sample, 12 values
 ])
 def test_forward_and_backward_equal_plain_bn_per_chunk(cls, shape, size):
     torch.manual_seed(0)
@@ -41,7 +41,7 @@ def test_forward_and_backward_equal_plain_bn_per_chunk(cls, shape, size):
 def test_running_stats_updated_once_from_mean_of_ghost_statistics():
     torch.manual_seed(1)
     x = torch.randn(12, 3, 2, 2, dtype=torch.float64) * 2 + 1
-    bn = bnkit.BatchNorm2d(3, momentum=0.1, virtual_batch_size=4, dtype=torch.float64)
+    bn = bnkit.GhostBatchNorm2d(3, momentum=0.1, virtual_batch_size=4, dtype=torch.float64)
     bn(x)
     chunks = x.numpy().reshape(3, 4, 3, 2, 2)
     ghost_means = chunks.mean(axis=(1, 3, 4))                       # (G, C)
@@ -54,7 +54,7 @@ def test_running_stats_updated_once_from_mean_of_ghost_statistics():
 def test_running_var_with_uneven_chunks_is_pooled_within_chunk_variance():
     torch.manual_seed(2)
     x = torch.randn(7, 2, 3, dtype=torch.float64)
-    bn = bnkit.BatchNorm1d(2, momentum=1.0, virtual_batch_size=3, dtype=torch.float64)
+    bn = bnkit.GhostBatchNorm1d(2, momentum=1.0, virtual_batch_size=3, dtype=torch.float64)
     bn(x)
     flat = [c.transpose(0, 1).reshape(2, -1).numpy() for c in x.split(3)]   # 9, 9, 3 values
     m2 = sum(((c - c.mean(1, keepdims=True)) ** 2).sum(1) for c in flat)
@@ -65,7 +65,7 @@ def test_running_var_with_uneven_chunks_is_pooled_within_chunk_variance():
 def test_one_chunk_equals_torch_nn_including_running_stats():
     torch.manual_seed(3)
     x = torch.randn(8, 4, 3, 3)
-    ours, ref = bnkit.BatchNorm2d(4, virtual_batch_size=8), torch.nn.BatchNorm2d(4)
+    ours, ref = bnkit.GhostBatchNorm2d(4, virtual_batch_size=8), torch.nn.BatchNorm2d(4)
     torch.testing.assert_close(ours(x), ref(x))
     torch.testing.assert_close(ours.running_var, ref.running_var)
     torch.testing.assert_close(ours.running_mean, ref.running_mean)
@@ -73,7 +73,7 @@ def test_one_chunk_equals_torch_nn_including_running_stats():
 
 def test_eval_ignores_virtual_batch_size():
     torch.manual_seed(4)
-    ours, ref = bnkit.BatchNorm2d(3, virtual_batch_size=2), torch.nn.BatchNorm2d(3)
+    ours, ref = bnkit.GhostBatchNorm2d(3, virtual_batch_size=2), torch.nn.BatchNorm2d(3)
     with torch.no_grad():
         for b in (ours, ref):
             b.running_mean.fill_(0.5)
@@ -83,7 +83,7 @@ def test_eval_ignores_virtual_batch_size():
 
 
 def test_last_chunk_of_one_value_raises_before_buffers_change():
-    bn = bnkit.BatchNorm1d(3, virtual_batch_size=4)
+    bn = bnkit.GhostBatchNorm1d(3, virtual_batch_size=4)
     with pytest.raises(ValueError, match=r"BatchNorm1d\(3\): virtual_batch_size=4 .* chunks \[4, 1\]"):
         bn(torch.randn(5, 3))
     assert int(bn.num_batches_tracked) == 0 and torch.equal(bn.running_var, torch.ones(3))
@@ -92,11 +92,11 @@ def test_last_chunk_of_one_value_raises_before_buffers_change():
 @pytest.mark.parametrize("bad", [0, -2, 2.5, True])
 def test_bad_virtual_batch_size(bad):
     with pytest.raises(ValueError, match=r"BatchNorm2d\(3\): virtual_batch_size must be a positive int"):
-        bnkit.BatchNorm2d(3, virtual_batch_size=bad)
+        bnkit.GhostBatchNorm2d(3, virtual_batch_size=bad)
 
 
 def test_channels_last_kept():
     x = torch.randn(6, 3, 4, 4).to(memory_format=torch.channels_last)
-    y = bnkit.BatchNorm2d(3, virtual_batch_size=4)(x)
+    y = bnkit.GhostBatchNorm2d(3, virtual_batch_size=4)(x)
     assert y.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(y, _chunked_torch(x, None, None, 4))

@@ -77,14 +77,14 @@ def _roundtrip(sd):
 
 
 def test_conventions_travel_with_the_checkpoint_and_mismatch_warns():
-    keras_like = bnkit.BatchNorm2d(3, eps=1e-3, decay=0.99, variance="biased")
+    keras_like = bnkit.BatchNorm2d(3, eps=1e-3, momentum=bnkit.momentum.Decay(0.99), variance="biased")
     sd = _roundtrip(keras_like.state_dict())
     assert sd._metadata[""]["bnkit_conventions"]["eps"] == 1e-3
     with pytest.warns(UserWarning, match=r"eps=0.001 \(this layer: 1e-05\).*variance='biased'"):
         bnkit.BatchNorm2d(3).load_state_dict(sd)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        bnkit.BatchNorm2d(3, eps=1e-3, decay=0.99, variance="biased").load_state_dict(sd)
+        bnkit.BatchNorm2d(3, eps=1e-3, momentum=bnkit.momentum.Decay(0.99), variance="biased").load_state_dict(sd)
         bnkit.BatchNorm2d(3).load_state_dict(torch.nn.BatchNorm2d(3).state_dict())  # plain torch: silent
         torch.nn.BatchNorm2d(3).load_state_dict(sd)  # and torch.nn still loads bnkit checkpoints
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import bnkit
-from bnkit.stats.momentum import Schedule
+from bnkit.momentum import Decay, HalfLife, Schedule
 
 
 @pytest.mark.parametrize("value,src,dst,expected", [
@@ -28,34 +28,35 @@ def test_half_life_halves_a_batch_weight_after_h_steps(h):
 
 
 def test_decay_layer_follows_keras_update_rule():
-    bn = bnkit.BatchNorm1d(2, decay=0.9)
+    bn = bnkit.BatchNorm1d(2, momentum=Decay(0.9))
     x = torch.randn(16, 2) * 3 + 1
     bn(x)
     batch_mean = x.mean(0)
     torch.testing.assert_close(bn.running_mean, 0.9 * torch.zeros(2) + 0.1 * batch_mean)
-    assert "decay=0.9" in repr(bn)
-    torch.testing.assert_close(bnkit.BatchNorm1d(2, half_life=2).momentum, 1 - 0.5 ** 0.5)
+    assert "momentum=Decay(0.9)" in repr(bn)
+    torch.testing.assert_close(bnkit.BatchNorm1d(2, momentum=HalfLife(2)).momentum, 1 - 0.5 ** 0.5)
 
 
-def test_exactly_one_convention():
-    with pytest.raises(ValueError, match=r"BatchNorm2d\(4\): pass exactly one of .* momentum, decay"):
+def test_one_momentum_value_and_bad_values():
+    with pytest.raises(TypeError, match=r"BatchNorm2d\(4\): decay=0.9 is now momentum=bnkit.momentum.Decay\(0.9\)"):
         bnkit.BatchNorm2d(4, momentum=0.1, decay=0.9)
-    with pytest.raises(ValueError, match="decay, half_life"):
+    with pytest.raises(TypeError, match=r"decay=0.9 is now .*; half_life=3 is now momentum=bnkit.momentum.HalfLife"):
         bnkit.BatchNorm2d(4, decay=0.9, half_life=3)
     with pytest.raises(ValueError, match="decay must be in"):
-        bnkit.BatchNorm2d(4, decay=1.5)
+        bnkit.BatchNorm2d(4, momentum=Decay(1.5))
     with pytest.raises(ValueError, match="half_life must be > 0"):
-        bnkit.BatchNorm2d(4, half_life=0)
+        bnkit.BatchNorm2d(4, momentum=HalfLife(0))
 
 
 def test_keras_lookalike_momentum_warns_with_the_fix():
-    with pytest.warns(UserWarning, match=r"momentum=0.99 .* write decay=0.99"):
+    with pytest.warns(UserWarning,
+                      match=r"BatchNorm2d\(4\): momentum=0.99 .* write momentum=bnkit.momentum.Decay\(0.99\)"):
         bnkit.BatchNorm2d(4, momentum=0.99)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         bnkit.BatchNorm2d(4, momentum=0.1)
         bnkit.BatchNorm2d(4, momentum=1.0)  # a deliberate "use the last batch"
-        bnkit.BatchNorm2d(4, decay=0.99)
+        bnkit.BatchNorm2d(4, momentum=Decay(0.99))
 
 
 def test_momentum_none_is_cumulative_average_like_torch():
@@ -84,7 +85,7 @@ def test_layer_honours_callable_schedule():
         seen.append(step)
         return 1.0 if step == 1 else 0.0
 
-    bn = bnkit.BatchNorm1d(2, momentum_schedule=schedule)
+    bn = bnkit.BatchNorm1d(2, momentum=schedule)
     x1, x2 = torch.randn(8, 2) + 5, torch.randn(8, 2) - 5
     bn(x1)
     bn(x2)
@@ -94,9 +95,11 @@ def test_layer_honours_callable_schedule():
 
 
 def test_named_schedule_on_layer_and_errors():
-    bn = bnkit.BatchNorm1d(2, momentum=0.2, momentum_schedule="linear", total_steps=4)
+    bn = bnkit.BatchNorm1d(2, momentum=Schedule("linear", total_steps=4, start=0.2))
     assert bn.momentum_schedule(0) == pytest.approx(0.2)
-    with pytest.raises(ValueError, match=r"BatchNorm1d\(2\): the 'cosine' momentum schedule needs total_steps"):
-        bnkit.BatchNorm1d(2, momentum_schedule="cosine")
+    with pytest.raises(ValueError, match=r"the 'cosine' momentum schedule needs total_steps"):
+        Schedule("cosine")
     with pytest.raises(ValueError, match="unknown momentum schedule"):
-        bnkit.BatchNorm1d(2, momentum_schedule="exp")
+        Schedule("exp")
+    with pytest.raises(TypeError, match=r"BatchNorm1d\(2\): momentum='cosine': .*Schedule\('cosine', total_steps"):
+        bnkit.BatchNorm1d(2, momentum="cosine")

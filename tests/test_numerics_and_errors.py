@@ -117,9 +117,12 @@ def test_constructor_errors_name_the_layer():
         bnkit.BatchNorm2d(3, axis="x")
     with pytest.raises(ValueError, match=r"BatchNorm2d\(3\): example_weight must be"):
         bnkit.BatchNorm2d(3, example_weight="foo")
-    for kw in ({"momentum": 1.5}, {"decay": -0.1}, {"half_life": 0}):
-        with pytest.raises(ValueError, match=r"^BatchNorm2d\(3\): "):
-            bnkit.BatchNorm2d(3, **kw)
+    with pytest.raises(ValueError, match=r"^BatchNorm2d\(3\): "):
+        bnkit.BatchNorm2d(3, momentum=1.5)
+    for make, name in ((lambda: bnkit.momentum.Decay(-0.1), r"Decay\(-0.1\)"),
+                       (lambda: bnkit.momentum.HalfLife(0), r"HalfLife\(0\)")):
+        with pytest.raises(ValueError, match=rf"^{name}: "):
+            make()
     with pytest.raises(ValueError, match="nonfinite must be one of"):
         bnkit.BatchNorm2d(3, nonfinite="ignore")
 
@@ -196,7 +199,7 @@ def test_functional_matches_torch_functional_and_cumulative_needs_count():
 
 
 def test_deepcopy_keeps_conventions():
-    bn = bnkit.BatchNorm2d(3, decay=0.97, activation="relu")
+    bn = bnkit.BatchNorm2d(3, momentum=bnkit.momentum.Decay(0.97), activation="relu")
     c = copy.deepcopy(bn)
     assert c.momentum == pytest.approx(0.03) and c.activation == "relu" and repr(c) == repr(bn)
 
@@ -223,7 +226,7 @@ def test_functional_eps_and_buffer_pairs_as_torch():
 
 
 def test_momentum_schedule_value_is_checked():
-    bn = bnkit.BatchNorm1d(3, momentum_schedule=lambda step: 5.0)
+    bn = bnkit.BatchNorm1d(3, momentum=lambda step: 5.0)
     with pytest.raises(ValueError, match=r"BatchNorm1d\(3\): momentum_schedule returned 5.0 for step 1"):
         bn(torch.randn(4, 3))
     assert bn.num_batches_tracked.item() == 0

@@ -106,7 +106,7 @@ def test_activation_matches_torch_composition():
     x = torch.randn(8, 4, 3, 3)
     for act, fn in [("relu", torch.relu), ("silu", torch.nn.functional.silu),
                     ("leaky_relu", lambda t: torch.nn.functional.leaky_relu(t, 0.2))]:
-        ours = bnkit.BatchNorm2d(4, activation=act, negative_slope=0.2)
+        ours = bnkit.BatchNorm2d(4, activation=torch.nn.LeakyReLU(0.2) if act == "leaky_relu" else act)
         theirs = torch.nn.BatchNorm2d(4)
         torch.testing.assert_close(ours(x), fn(theirs(x)), rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="unknown activation 'gelu'"):

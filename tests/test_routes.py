@@ -53,7 +53,7 @@ X4 = torch.randn(6, 3, 4, 4)
     (lambda: bnkit.BatchNorm2d(3).eval(), {}, ["_eval_route", "_aten"]),
     (lambda: bnkit.BatchNorm2d(3, example_weight=0.5).eval(), {}, ["_eval_route", "_composed_eval"]),
     (lambda: bnkit.BatchNorm2d(3, variance="biased"), {}, ["_composed_train"]),
-    (lambda: bnkit.BatchNorm2d(3, virtual_batch_size=2), {}, ["_composed_train"]),
+    (lambda: bnkit.GhostBatchNorm2d(3, virtual_batch_size=2), {}, ["_composed_train"]),
     (lambda: bnkit.BatchRenorm2d(3, rmax=3.0, dmax=5.0), {}, ["_composed_train"]),
     (lambda: bnkit.BatchNorm2d(3), {"mask": torch.ones(6, 4, 4, dtype=torch.bool)}, ["_composed_train"]),
 ])
@@ -67,15 +67,15 @@ def test_single_value_routes():
     assert _ran(bnkit.BatchNorm1d(3, single_sample="skip_update"), x) == ["_composed_train"]
 
 
-@pytest.mark.parametrize("kw", [{}, {"momentum": None}, {"momentum": 0.3}, {"decay": 0.9},
-                                {"momentum_schedule": "linear", "total_steps": 4}])
+@pytest.mark.parametrize("kw", [{}, {"momentum": None}, {"momentum": 0.3}, {"momentum": bnkit.momentum.Decay(0.9)},
+                                {"momentum": bnkit.momentum.Schedule("linear", total_steps=4)}])
 def test_aten_route_equals_torch_nn_over_steps(kw):
     ours = bnkit.BatchNorm2d(3, **kw)
-    momentum = kw.get("momentum", 0.1) if "decay" not in kw else 0.1
-    theirs = torch.nn.BatchNorm2d(3, momentum=momentum)
+    momentum = kw.get("momentum", 0.1) if not isinstance(kw.get("momentum"), bnkit.momentum.Decay) else 0.1
+    theirs = torch.nn.BatchNorm2d(3, momentum=0.1 if isinstance(momentum, bnkit.momentum.Schedule) else momentum)
     for step in range(5):
         x = torch.randn(4, 3, 5, 5) * (step + 1) + step
-        if "momentum_schedule" in kw:  # the schedule's factor at this step, given to torch by hand
+        if ours.momentum_schedule is not None:  # the schedule's factor at this step, given to torch by hand
             theirs.momentum = ours.momentum_schedule(step + 1)
         torch.testing.assert_close(ours(x), theirs(x), rtol=0, atol=0)
         torch.testing.assert_close(ours.running_mean, theirs.running_mean, rtol=1e-6, atol=1e-7)

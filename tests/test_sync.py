@@ -132,5 +132,5 @@ def test_without_process_group_falls_back_to_local_bn_with_one_warning(monkeypat
 
 
 def test_virtual_batch_size_refused():
-    with pytest.raises(ValueError, match=r"SyncBatchNorm\(4\): virtual_batch_size is not supported"):
+    with pytest.raises(TypeError, match=r"SyncBatchNorm\(4\): virtual_batch_size=2 is now"):
         bnkit.SyncBatchNorm(4, virtual_batch_size=2)

@@ -105,7 +105,8 @@ def test_train_step_matches_torch_path_and_numpy(tiles, activation, channels_las
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
     dy = torch.randn(x.shape)
-    ours, theirs = _pair(bnkit.BatchNorm2d, 5, activation=activation, negative_slope=0.2)
+    ours, theirs = _pair(bnkit.BatchNorm2d, 5,
+                         activation=torch.nn.LeakyReLU(0.2) if activation == "leaky_relu" else activation)
     y, dx, dw, db = _run(ours, x, dy, "triton")
     y_t, dx_t, dw_t, db_t = _run(theirs, x, dy, "torch")
     for a, b in ((y, y_t), (dx, dx_t), (dw, dw_t), (db, db_t),
@@ -237,7 +238,9 @@ def test_grad_output_with_other_layout_and_noncontiguous_input(interpreter):
 @pytest.mark.parametrize("activation", ["identity", "leaky_relu"])
 def test_memory_efficient_mode(tiles, activation):
     x, dy = torch.randn(3, 4, 5, 3) * 2 - 1, torch.randn(3, 4, 5, 3)
-    ours, theirs = _pair(bnkit.BatchNorm2d, 4, activation=activation, negative_slope=0.1, memory_efficient=True)
+    ours, theirs = _pair(bnkit.BatchNorm2d, 4,
+                         activation=torch.nn.LeakyReLU(0.1) if activation == "leaky_relu" else activation)
+    ours.memory_efficient = theirs.memory_efficient = True
     for a, b in zip(_run(ours, x, dy, "triton"), _run(theirs, x, dy, "torch")):
         _close(a, b, 1e-4)
 
@@ -259,9 +262,9 @@ def test_memory_efficient_frees_the_input(interpreter):
     # conv -> BN -> conv: the first conv's output (BN's input) is needed only by a regular BN
     def model(memory_efficient):
         torch.manual_seed(0)
-        return torch.nn.Sequential(torch.nn.Conv2d(2, 4, 1, bias=False),
-                                   bnkit.BatchNorm2d(4, activation="leaky_relu", memory_efficient=memory_efficient),
-                                   torch.nn.Conv2d(4, 2, 1))
+        bn = bnkit.BatchNorm2d(4, activation="leaky_relu")
+        bn.memory_efficient = memory_efficient
+        return torch.nn.Sequential(torch.nn.Conv2d(2, 4, 1, bias=False), bn, torch.nn.Conv2d(4, 2, 1))
     x = torch.randn(2, 2, 4, 4)
     backend.set_backend("triton")
     try:
@@ -273,7 +276,7 @@ def test_memory_efficient_frees_the_input(interpreter):
 
 def test_memory_efficient_needs_invertible_activation():
     with pytest.raises(ValueError, match=r"BatchNorm2d\(4\): memory_efficient=True .* invertible"):
-        bnkit.BatchNorm2d(4, activation="relu", memory_efficient=True)
+        bnkit.BatchNorm2d(4, activation="relu").memory_efficient = True
 
 
 def test_backend_selection(interpreter, monkeypatch):

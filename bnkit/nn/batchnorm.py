@@ -17,10 +17,10 @@ import torch
 from torch.nn.modules.batchnorm import _BatchNorm as _TorchBatchNorm
 from torch.utils.hooks import RemovableHandle
 
-from ..ops import check_activation, check_memory_efficient, normalize
+from ..ops import check_memory_efficient, normalize, resolve_activation
 from ..ops.activations import apply_activation
 from ..ops.backend import get_backend, kernels_for
-from ..stats import Moments, accumulation_dtype, batch_moments, ghost_statistics, masked_moments
+from ..stats import Moments, accumulation_dtype, batch_moments, masked_moments
 from ..stats import example_weighted_moments
 from ..stats import momentum as momentum_lib
 from ..stats.running import candidates, commit, finite
@@ -30,8 +30,6 @@ from ..validation import (NONFINITE_POLICIES, SINGLE_SAMPLE_POLICIES, VARIANCE_K
 from .tracing import traced_call
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormBase", "STATS_FROZEN_MODES", "nonfinite_report"]
-
-_UNSET = object()
 
 #: ``stats_frozen`` values: ``None`` (normal), ``"batch"`` (normalize with batch statistics, no
 #: running update), ``"running"`` (normalize with the running statistics even in training).
@@ -56,21 +54,24 @@ class BatchNormBase(_TorchBatchNorm):
         num_features: C, the number of channels.
         eps: added to the variance for numerical stability. Default 1e-5 (Keras uses 1e-3). As in
             torch, checked when used: > 0 in training, >= 0 in eval.
-        momentum: PyTorch's convention, the weight of the *new* batch (default 0.1), or ``None`` for
-            the cumulative average. Values >= 0.5 (momentum.KERAS_LOOKALIKE_THRESHOLD) warn: Keras-like.
+        momentum: how the running statistics follow the batches, one value: a number, PyTorch's
+            convention, the weight of the *new* batch (default 0.1); ``None`` for the cumulative
+            average; ``bnkit.momentum.Decay(0.99)`` (Keras/TF/Flax: the weight of the *old* value);
+            ``bnkit.momentum.HalfLife(steps)`` (update steps after which a batch's weight has
+            halved); ``bnkit.momentum.Schedule("constant" | "linear" | "cosine", total_steps=...,
+            start=0.1)`` (evaluated on the device: ramp from the EMA toward the cumulative average);
+            or a callable ``step -> momentum`` (step counts from 1; one host read of the step per
+            training call). Numbers >= 0.5 (momentum.KERAS_LOOKALIKE_THRESHOLD) warn: Keras-like.
+            ``layer.momentum`` is torch's number (``None`` when cumulative; a schedule's ``start``),
+            ``layer.momentum_convention`` the convention and ``layer.momentum_schedule`` the schedule.
         affine: learnable ``weight`` (gamma) and ``bias`` (beta). Default True.
         track_running_stats: keep ``running_mean``, ``running_var`` and ``num_batches_tracked``.
         device, dtype: of the parameters and buffers.
-        decay: Keras/TF/Flax convention instead of ``momentum``: the weight of the *old* value (0.99).
-        half_life: instead of ``momentum``: update steps after which a batch's weight has halved.
-        momentum_schedule: a callable ``step -> momentum`` (step counts from 1; a Python callable
-            costs one host read of the step per training call), or ``"constant"``, ``"linear"`` or
-            ``"cosine"`` (evaluated on the device: ramp from the EMA toward the cumulative average
-            over ``total_steps``; see :class:`bnkit.stats.momentum.Schedule`).
-        total_steps: length of a named ramp schedule, in update steps.
-        activation: ``None``/``"identity"``, ``"relu"``, ``"leaky_relu"`` or ``"silu"``, applied after the affine.
-        negative_slope: of ``leaky_relu``.
         bias: with ``affine=True``, whether beta is learned (torch's ``bias=`` keyword).
+        activation: applied after the affine (fused on the GPU path): ``None``/``"identity"``,
+            ``"relu"``, ``"leaky_relu"`` (slope 0.01) or ``"silu"``, or the module ``nn.Identity()``,
+            ``nn.ReLU()``, ``nn.LeakyReLU(slope)`` or ``nn.SiLU()``. Read back as ``layer.activation``
+            (the name) and ``layer.negative_slope``.
         nonfinite: a batch whose statistics are NaN/Inf: ``"skip"`` its running update (default;
             decided on the device, no host read; skipped batches are counted on the device
             and reported with a warning at ``.eval()``,
@@ -84,17 +85,13 @@ class BatchNormBase(_TorchBatchNorm):
             a weight alpha in [0, 1], or ``"auto"`` for ``1 / B`` with B the last training batch size.
         variance: which variance the running update stores, ``"unbiased"`` (torch) or ``"biased"``
             (Keras, Flax).
-        memory_efficient: Triton path, training: keep only the output for backward (In-Place ABN), so
-            the input can be freed; needs an invertible activation (identity, leaky_relu with a positive
-            slope) and no weight entry equal to 0. Ignored on the torch path.
-        virtual_batch_size: ghost batch norm (Hoffer et al., 2017). In training, the batch is split
-            along N into consecutive chunks of this many samples (the last chunk is smaller when
-            the size does not divide N), and each chunk is normalized with its own statistics,
-            exactly as plain batch norm on that chunk. The running statistics are updated *once*
-            per step (tf-keras' rule) with the chunk-size-weighted mean of the chunk means and the
-            pooled within-chunk unbiased variance ``sum_g m2_g / (n - G)`` (= the mean of the
-            chunks' unbiased variances when chunks are equal); ``num_batches_tracked`` += 1.
-            A chunk of one value per channel raises. Eval ignores it. Default ``None`` (off).
+
+    Keywords of earlier versions (``decay=``, ``half_life=``, ``momentum_schedule=``, ``total_steps=``,
+    ``negative_slope=``, ``virtual_batch_size=``, ``memory_efficient=``) raise a TypeError that gives
+    the new spelling. :attr:`memory_efficient` is set on the layer; ghost batch norm is
+    :class:`bnkit.GhostBatchNorm2d` etc.; renormalized and synchronized statistics are
+    :class:`bnkit.BatchRenorm2d` and :class:`bnkit.SyncBatchNorm`: each variant changes only the
+    batch-statistics step (``_batch_statistics``) and takes the same arguments.
 
     ``forward(input, mask=None, lengths=None)``: ``mask`` (bool, the input's shape without the
     channel dimension; False marks padding) or ``lengths`` (``(N,)`` integer valid lengths of a 3-D
@@ -115,32 +112,29 @@ class BatchNormBase(_TorchBatchNorm):
     _dims_doc = "(N, C, *)"
     _min_features = 1  # lazy layers start with 0 channels, as torch's do
 
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum=_UNSET, affine: bool = True,
-                 track_running_stats: bool = True, device=None, dtype=None, *, decay: float | None = None,
-                 half_life: float | None = None, momentum_schedule=None, total_steps: int | None = None,
-                 activation: str | None = None, negative_slope: float = 0.01, nonfinite: str = "skip",
-                 bias: bool = True, axis: int = 1, single_sample: str = "raise", example_weight=None,
-                 variance: str = "unbiased", memory_efficient: bool = False, virtual_batch_size: int | None = None):
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum=0.1, affine: bool = True,
+                 track_running_stats: bool = True, device=None, dtype=None, *, bias: bool = True, activation=None,
+                 nonfinite: str = "skip", axis: int = 1, single_sample: str = "raise", example_weight=None,
+                 variance: str = "unbiased", **removed):
         cls = type(self).__name__
         if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < self._min_features:
             raise ValueError(f"{cls}: num_features must be a positive int, got {num_features!r}")
         name = f"{cls}({num_features})"
+        if removed:
+            _refuse_removed(name, removed)
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or math.isnan(eps):
             raise TypeError(f"{name}: eps must be a number, got {eps!r}")
         if isinstance(axis, bool) or not isinstance(axis, int):
             raise TypeError(f"{name}: axis must be an int (the channel dimension, e.g. 1 or -1), got {axis!r}")
-        given = momentum is not _UNSET
-        resolved, convention = momentum_lib.resolve(name, momentum if given else 0.1, decay, half_life,
-                                                    momentum_given=given)
+        resolved, convention, schedule = momentum_lib.resolve(name, momentum)
         # torch >= 2.6 has bias=; pass it only when asked for so older torch keeps working
         super().__init__(num_features, eps, resolved, affine, track_running_stats, device=device, dtype=dtype,
                          **({} if bias else {"bias": False}))
         self.momentum_convention = convention
-        self.momentum_schedule = momentum_lib.make_schedule(name, momentum_schedule, resolved, total_steps)
-        self.activation = check_activation(name, activation)
-        self.negative_slope = negative_slope
+        self.momentum_schedule = schedule
+        self.activation, self.negative_slope = resolve_activation(name, activation)
         self.nonfinite = check_choice(name, "nonfinite", nonfinite, NONFINITE_POLICIES)
-        self.memory_efficient = check_memory_efficient(name, memory_efficient, self.activation, negative_slope)
+        self._memory_efficient = False
         self.stats_frozen = None
         self.axis = axis
         self.single_sample = check_choice(name, "single_sample", single_sample, SINGLE_SAMPLE_POLICIES)
@@ -152,15 +146,48 @@ class BatchNormBase(_TorchBatchNorm):
                              f"got {example_weight!r}")
         self.example_weight = example_weight
         self.last_train_batch_size = None  # for example_weight="auto"
-        if virtual_batch_size is not None and (isinstance(virtual_batch_size, bool)
-                                               or not isinstance(virtual_batch_size, int) or virtual_batch_size < 1):
-            raise ValueError(f"{name}: virtual_batch_size must be a positive int or None, got {virtual_batch_size!r}")
-        self.virtual_batch_size = virtual_batch_size
         # Batches whose running update the on-device guard skipped since the last report. A plain tensor
         # attribute, not a buffer: parameters, buffers and state_dict stay exactly torch.nn's.
         self._nonfinite_skipped = torch.zeros((), dtype=torch.long, device=device)
         self._moments_hooks: OrderedDict = OrderedDict()
         _register_state_dict_post_hook(self, _record_conventions)
+
+    def __setstate__(self, state: dict) -> None:
+        # Whole-model pickles of bnkit 0.1 held these as plain attributes; they are properties now.
+        state = dict(state)
+        if "memory_efficient" in state:
+            state["_memory_efficient"] = state.pop("memory_efficient")
+        size = state.pop("virtual_batch_size", None)
+        super().__setstate__(state)
+        if size is not None and type(self)._batch_statistics is BatchNormBase._batch_statistics:
+            from . import ghost  # ghost imports this module
+            self.__class__ = {BatchNorm1d: ghost.GhostBatchNorm1d, BatchNorm2d: ghost.GhostBatchNorm2d,
+                              BatchNorm3d: ghost.GhostBatchNorm3d}[type(self)]
+            self.virtual_batch_size = size
+
+    @property
+    def memory_efficient(self) -> bool:
+        """Triton path, training: keep only the output for backward (In-Place ABN), so the input can
+        be freed. Set it on the layer (``layer.memory_efficient = True``); it needs an invertible
+        activation (identity, or leaky_relu with a positive slope), checked at assignment, and no
+        weight entry equal to 0. Ignored on the torch path. Default False."""
+        return self._memory_efficient
+
+    @memory_efficient.setter
+    def memory_efficient(self, value: bool) -> None:
+        self._memory_efficient = check_memory_efficient(self.layer_name, value, self.activation, self.negative_slope)
+
+    @property
+    def virtual_batch_size(self) -> int | None:
+        """``None``: this layer normalizes with plain batch statistics (ghost batch norm is
+        :class:`bnkit.GhostBatchNorm2d` etc., where this is the chunk size)."""
+        return None
+
+    @virtual_batch_size.setter
+    def virtual_batch_size(self, value) -> None:
+        if value is not None:
+            raise AttributeError(f"{self.layer_name}: ghost batch norm is a layer class of its own: "
+                                 f"bnkit.GhostBatchNorm1d/2d/3d({self.num_features}, virtual_batch_size={value!r})")
 
     @property
     def layer_name(self) -> str:
@@ -316,8 +343,7 @@ class BatchNormBase(_TorchBatchNorm):
         self._check(x)
         if mask is not None:
             if self._custom_batch_statistics():
-                raise ValueError(f"{self.layer_name}: mask=/lengths= are not supported together with "
-                                 f"{'virtual_batch_size' if self.virtual_batch_size else type(self).__name__}")
+                raise ValueError(f"{self.layer_name}: mask=/lengths= are not supported by {type(self).__name__}")
             mean, var, count = masked_moments(x, mask)
             if self._moments_hooks:
                 self._call_moments_hooks(Moments(count, mean.detach(), (var * count).detach()))
@@ -427,9 +453,8 @@ class BatchNormBase(_TorchBatchNorm):
         return 1.0 / self.last_train_batch_size
 
     def _custom_batch_statistics(self) -> bool:
-        """True when ``_batch_statistics`` is not plain batch statistics (ghost BN, or a subclass's own)."""
-        return self.virtual_batch_size is not None or \
-            type(self)._batch_statistics is not BatchNormBase._batch_statistics
+        """True when ``_batch_statistics`` is not plain batch statistics (a subclass's own: ghost, renorm, sync)."""
+        return type(self)._batch_statistics is not BatchNormBase._batch_statistics
 
     def _batch_statistics(self, input: torch.Tensor, update: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """The ``(mean, var)`` that normalize this batch, shape ``(C,)`` or per sample ``(N, C)``.
@@ -437,14 +462,6 @@ class BatchNormBase(_TorchBatchNorm):
         With ``update`` also folds the batch into the running statistics. This is the one step that
         ghost, synchronized and renormalized batch norm change.
         """
-        if self.virtual_batch_size is not None:
-            mean, var, pooled = ghost_statistics(self.layer_name, input, self.virtual_batch_size)
-            if self._moments_hooks:
-                raise ValueError(f"{self.layer_name}: ghost-batch statistics (virtual_batch_size) cannot be "
-                                 f"observed as one batch's moments (e.g. by bnkit.accumulate); use plain batch norm")
-            if update:
-                self._update_running(*pooled, None)
-            return mean, var
         n = check_batch_size(self.layer_name, input) if self.single_sample == "raise" else input.numel() // \
             input.shape[1]
         mean, var = batch_moments(input)
@@ -494,13 +511,13 @@ class BatchNormBase(_TorchBatchNorm):
 
     def extra_repr(self) -> str:
         s = super().extra_repr()
-        if self.momentum_convention == "decay":
-            s += f", decay={momentum_lib.convert(self.momentum, 'momentum', 'decay')}"
-        elif self.momentum_convention == "half_life":
-            s += f", half_life={momentum_lib.convert(self.momentum, 'momentum', 'half_life'):.6g}"
-        if self.momentum_schedule is not None:
-            s += f", momentum_schedule={self.momentum_schedule!r}"
-        if self.activation != "identity":
+        if self.momentum_convention in ("decay", "half_life") or self.momentum_schedule is not None:
+            # torch's repr says momentum=<the torch number>; say the value the layer was built with
+            s = s.replace(f"momentum={self.momentum}", "momentum=" + momentum_lib.describe(
+                self.momentum, self.momentum_convention, self.momentum_schedule), 1)
+        if self.activation == "leaky_relu" and self.negative_slope != 0.01:
+            s += f", activation=LeakyReLU(negative_slope={self.negative_slope})"
+        elif self.activation != "identity":
             s += f", activation={self.activation!r}"
         if self.nonfinite != "skip":
             s += f", nonfinite={self.nonfinite!r}"
@@ -510,8 +527,6 @@ class BatchNormBase(_TorchBatchNorm):
                               ("variance", "unbiased")):
             if getattr(self, attr) != default:
                 s += f", {attr}={getattr(self, attr)!r}"
-        if self.virtual_batch_size is not None:
-            s += f", virtual_batch_size={self.virtual_batch_size}"
         return s
 
     def eval_affine(self, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -584,6 +599,27 @@ def _channels_last_format(x: torch.Tensor):
         return None
     layout = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
     return layout if x.is_contiguous(memory_format=layout) else None
+
+
+# The keywords this constructor took before one value per concept (bnkit 0.1), and how to write them now.
+_REMOVED = {
+    "decay": lambda v: f"momentum=bnkit.momentum.Decay({v!r})",
+    "half_life": lambda v: f"momentum=bnkit.momentum.HalfLife({v!r})",
+    "momentum_schedule": lambda v: (f"momentum=bnkit.momentum.Schedule({v!r}, total_steps=..., start=...)"
+                                    if isinstance(v, str) else "momentum=<the callable>"),
+    "total_steps": lambda v: f"momentum=bnkit.momentum.Schedule(..., total_steps={v!r})",
+    "negative_slope": lambda v: f"activation=torch.nn.LeakyReLU({v!r})",
+    "virtual_batch_size": lambda v: f"bnkit.GhostBatchNorm1d/2d/3d(C, virtual_batch_size={v!r}, ...)",
+    "memory_efficient": lambda v: f"layer.memory_efficient = {v!r} after construction",
+}
+
+
+def _refuse_removed(name: str, removed: dict) -> None:
+    """A TypeError for keywords this constructor does not take, with the new spelling of old ones."""
+    unknown = [k for k in removed if k not in _REMOVED]
+    if unknown:
+        raise TypeError(f"{name}: unexpected keyword argument(s) {', '.join(map(repr, unknown))}")
+    raise TypeError(f"{name}: " + "; ".join(f"{k}={v!r} is now {_REMOVED[k](v)}" for k, v in removed.items()))
 
 
 _METADATA_KEY = "bnkit_conventions"

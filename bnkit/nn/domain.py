@@ -21,7 +21,7 @@ import contextlib
 import torch
 from torch import nn
 
-from .batchnorm import _UNSET, BatchNorm1d, BatchNorm2d, BatchNorm3d
+from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 
 __all__ = ["DomainBatchNorm", "DomainBatchNorm1d", "DomainBatchNorm2d", "DomainBatchNorm3d", "use_domain"]
 
@@ -34,7 +34,7 @@ class DomainBatchNorm(nn.Module):
         num_domains: how many domains (>= 1); domains are ``0 .. num_domains - 1``.
         shared_affine: one ``weight``/``bias`` for all domains (default) or one per domain.
         eps, momentum, affine, track_running_stats, device, dtype, and keyword arguments of
-            :class:`bnkit.BatchNormBase` (``decay=``, ``activation=``, ...): for every domain's layer.
+            :class:`bnkit.BatchNormBase` (``activation=``, ``variance=``, ...): for every domain's layer.
 
     Shape:
         Input as the per-domain layer (e.g. ``(N, C, H, W)`` for ``DomainBatchNorm2d``); same output shape.
@@ -43,7 +43,7 @@ class DomainBatchNorm(nn.Module):
     _layer_cls: type = BatchNorm2d
 
     def __init__(self, num_features: int, num_domains: int, shared_affine: bool = True, eps: float = 1e-5,
-                 momentum=_UNSET, affine: bool = True, track_running_stats: bool = True, device=None, dtype=None,
+                 momentum=0.1, affine: bool = True, track_running_stats: bool = True, device=None, dtype=None,
                  **kwargs):
         super().__init__()
         if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:

@@ -11,7 +11,7 @@ import torch
 from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.parameter import UninitializedBuffer, UninitializedParameter
 
-from .batchnorm import _UNSET, BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormBase
+from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormBase
 
 __all__ = ["LazyBatchNorm1d", "LazyBatchNorm2d", "LazyBatchNorm3d"]
 
@@ -22,7 +22,7 @@ class _LazyBatchNorm(LazyModuleMixin, BatchNormBase):
     _min_features = 0
     cls_to_become: type[BatchNormBase]
 
-    def __init__(self, eps: float = 1e-5, momentum=_UNSET, affine: bool = True, track_running_stats: bool = True,
+    def __init__(self, eps: float = 1e-5, momentum=0.1, affine: bool = True, track_running_stats: bool = True,
                  device=None, dtype=None, **kwargs):
         factory = {"device": device, "dtype": dtype}
         # affine/track_running_stats False here: the parameters and buffers are created uninitialized below.

@@ -20,7 +20,7 @@ import torch
 from ..stats import Moments, batch_moments, update_running_stats
 from ..stats.running import finite
 from ..validation import check_batch_size
-from .batchnorm import _UNSET, BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormBase
+from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormBase
 
 __all__ = ["BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d", "BatchRenormBase", "LinearRamp", "renorm_warmup"]
 
@@ -77,7 +77,7 @@ def _check_limits(layer: str, rmax, dmax, step: int | None = None) -> tuple[floa
 class BatchRenormBase(BatchNormBase):
     r"""Batch Renormalization over dimension 1 of an ``(N, C, *)`` input (see the module docstring).
 
-    Takes every argument of :class:`bnkit.BatchNormBase` except ``virtual_batch_size``, plus:
+    Takes every argument of :class:`bnkit.BatchNormBase`, plus:
 
     Args:
         rmax: bound on the scale correction r, a number >= 1 or a callable ``step -> rmax`` (step
@@ -104,12 +104,10 @@ class BatchRenormBase(BatchNormBase):
         Input ``(N, C, *)``; output the same shape.
     """
 
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum=_UNSET, affine: bool = True,
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum=0.1, affine: bool = True,
                  track_running_stats: bool = True, device=None, dtype=None, *, rmax=None, dmax=None,
                  renorm_momentum: float = 0.01, **kwargs):
         name = f"{type(self).__name__}({num_features})"
-        if kwargs.get("virtual_batch_size") is not None:
-            raise ValueError(f"{name}: virtual_batch_size is not supported by batch renormalization")
         if not track_running_stats:
             raise ValueError(f"{name}: batch renormalization needs its running statistics; "
                              f"track_running_stats must be True")

@@ -40,7 +40,7 @@ import torch
 import torch.distributed as dist
 
 from ..stats import Moments, accumulation_dtype, reduce_dims
-from .batchnorm import _UNSET, BatchNormBase
+from .batchnorm import BatchNormBase
 
 __all__ = ["SyncBatchNorm"]
 
@@ -77,11 +77,8 @@ class SyncBatchNorm(BatchNormBase):
         Input ``(N, C, *)``, N may differ per rank and be 0; output the same shape.
     """
 
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum=_UNSET, affine: bool = True,
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum=0.1, affine: bool = True,
                  track_running_stats: bool = True, process_group=None, device=None, dtype=None, **kwargs):
-        if kwargs.get("virtual_batch_size") is not None:
-            raise ValueError(f"{type(self).__name__}({num_features}): virtual_batch_size is not supported "
-                             f"with synchronized statistics")
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, **kwargs)
         self.process_group = process_group
         self._channels_checked_for = None

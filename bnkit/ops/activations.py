@@ -3,10 +3,14 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-__all__ = ["ACTIVATIONS", "check_activation", "apply_activation", "check_memory_efficient"]
+__all__ = ["ACTIVATIONS", "check_activation", "resolve_activation", "apply_activation", "check_memory_efficient"]
 
 ACTIVATIONS = ("identity", "relu", "leaky_relu", "silu")
+
+# Exact classes, not isinstance: a subclass may change forward, which the fused kernels would not follow.
+_MODULES = {nn.Identity: "identity", nn.ReLU: "relu", nn.LeakyReLU: "leaky_relu", nn.SiLU: "silu"}
 
 
 def check_activation(layer: str, activation: str | None) -> str:
@@ -14,6 +18,20 @@ def check_activation(layer: str, activation: str | None) -> str:
     if name not in ACTIVATIONS:
         raise ValueError(f"{layer}: unknown activation {activation!r}; expected one of {ACTIVATIONS} or None")
     return name
+
+
+def resolve_activation(layer: str, activation) -> tuple[str, float]:
+    """``(name, negative_slope)`` of a layer's ``activation=``: a name from :data:`ACTIVATIONS`, ``None``,
+    or a module ``nn.Identity()``, ``nn.ReLU()``, ``nn.LeakyReLU(slope)`` or ``nn.SiLU()``. The name
+    ``"leaky_relu"`` means torch's default slope 0.01; ``nn.LeakyReLU`` carries its own."""
+    if not isinstance(activation, nn.Module):
+        return check_activation(layer, activation), 0.01
+    name = _MODULES.get(type(activation))
+    if name is None:
+        raise ValueError(f"{layer}: activation {activation!r} cannot be fused into batch norm; pass one of "
+                         f"nn.Identity(), nn.ReLU(), nn.LeakyReLU(slope), nn.SiLU() or a name in {ACTIVATIONS}, "
+                         f"or put the module after the layer")
+    return name, float(activation.negative_slope) if name == "leaky_relu" else 0.01
 
 
 def check_memory_efficient(layer: str, memory_efficient: bool, activation: str, negative_slope: float) -> bool:

@@ -15,6 +15,14 @@ convention     meaning                        typical      equals torch momentum
 
 ``momentum=None`` keeps PyTorch's cumulative average: the k-th batch gets weight ``1/k``.
 
+A layer's ``momentum=`` takes exactly one value: a number (torch), ``None``, :class:`Decay`,
+:class:`HalfLife`, :class:`Schedule` (evaluated on the device) or a callable ``step -> momentum``
+(one host read of the step per training call)::
+
+    bnkit.BatchNorm2d(64, momentum=bnkit.momentum.Decay(0.99))      # Keras momentum=0.99
+    bnkit.BatchNorm2d(64, momentum=bnkit.momentum.HalfLife(10))
+    bnkit.BatchNorm2d(64, momentum=bnkit.momentum.Schedule("cosine", total_steps=10_000, start=0.1))
+
 >>> convert(0.99, "decay", "momentum")
 0.01
 >>> round(convert(0.1, "momentum", "half_life"), 3)
@@ -24,11 +32,11 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Callable, Union
+from dataclasses import dataclass
 
 import torch
 
-__all__ = ["convert", "resolve", "check_value", "Schedule", "make_schedule",
+__all__ = ["convert", "resolve", "describe", "check_value", "Decay", "HalfLife", "Schedule",
            "KERAS_LOOKALIKE_THRESHOLD"]
 
 CONVENTIONS = ("momentum", "decay", "half_life")
@@ -80,40 +88,104 @@ def convert(value: float, from_: str, to: str) -> float:
     raise ValueError(f"unknown momentum convention {to!r}; expected one of {CONVENTIONS}")
 
 
-def resolve(layer: str, momentum, decay=None, half_life=None, momentum_given: bool = True):
-    """Return ``(torch_momentum_or_None, convention_name)`` from exactly one convention.
-
-    ``momentum_given`` tells whether ``momentum`` was passed by the caller (its default 0.1 does
-    not conflict with ``decay=`` or ``half_life=``).
-    """
+def _checked(label: str, value, convention: str) -> float:
+    """``value`` as a torch momentum; a bad one raises an error that starts with ``label``."""
     try:
-        return _resolve(layer, momentum, decay, half_life, momentum_given)
+        return _to_momentum(value, convention)
     except (TypeError, ValueError) as e:
-        if str(e).startswith(layer):
-            raise
-        raise type(e)(f"{layer}: {e}") from None
+        raise type(e)(f"{label}: {e}") from None
 
 
-def _resolve(layer: str, momentum, decay, half_life, momentum_given: bool):
-    given = [name for name, v in (("decay", decay), ("half_life", half_life)) if v is not None]
-    if momentum_given and given:
-        given.insert(0, "momentum")
-    if len(given) > 1:
-        raise ValueError(f"{layer}: pass exactly one of momentum=, decay=, half_life=; got {', '.join(given)}")
-    if decay is not None:
-        return _to_momentum(decay, "decay"), "decay"
-    if half_life is not None:
-        return _to_momentum(half_life, "half_life"), "half_life"
-    if momentum is None:
-        return None, "cumulative"
-    m = _to_momentum(momentum, "momentum")
+@dataclass(frozen=True)
+class Decay:
+    """The Keras/TF/Flax convention: the weight of the *old* value (Keras' ``momentum=0.99``).
+
+    ``BatchNorm2d(C, momentum=bnkit.momentum.Decay(0.99))`` equals torch's ``momentum=0.01``.
+
+    >>> Decay(0.99).momentum
+    0.01
+    """
+
+    value: float
+
+    def __post_init__(self):
+        _checked(f"Decay({self.value!r})", self.value, "decay")
+
+    @property
+    def momentum(self) -> float:
+        """The torch-convention momentum (weight of the new batch)."""
+        return _to_momentum(self.value, "decay")
+
+    def __repr__(self) -> str:
+        return f"Decay({self.value!r})"
+
+
+@dataclass(frozen=True)
+class HalfLife:
+    """The number of update steps after which a batch's weight in the running statistics has halved.
+
+    >>> HalfLife(1).momentum
+    0.5
+    """
+
+    steps: float
+
+    def __post_init__(self):
+        _checked(f"HalfLife({self.steps!r})", self.steps, "half_life")
+
+    @property
+    def momentum(self) -> float:
+        """The torch-convention momentum (weight of the new batch)."""
+        return _to_momentum(self.steps, "half_life")
+
+    def __repr__(self) -> str:
+        return f"HalfLife({self.steps!r})"
+
+
+def resolve(layer: str, value):
+    """A layer's ``momentum=`` argument as ``(torch_momentum_or_None, convention, schedule_or_None)``.
+
+    ``value`` is a number (torch convention), ``None`` (cumulative average), :class:`Decay`,
+    :class:`HalfLife`, :class:`Schedule` or a Python callable ``step -> momentum``. The torch
+    momentum of a schedule is its ``start`` (a callable's is torch's default 0.1): torch code that
+    reads ``layer.momentum`` gets a number, while the updates follow the schedule.
+    """
+    if value is None:
+        return None, "cumulative", None
+    if isinstance(value, Decay):
+        return value.momentum, "decay", None
+    if isinstance(value, HalfLife):
+        return value.momentum, "half_life", None
+    if isinstance(value, Schedule):
+        return value.start, "momentum", value
+    if isinstance(value, str):
+        raise TypeError(f"{layer}: momentum={value!r}: a named schedule is written "
+                        f"momentum=bnkit.momentum.Schedule({value!r}, total_steps=...)")
+    if callable(value):
+        return 0.1, "momentum", value
+    try:
+        m = _to_momentum(value, "momentum")
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"{layer}: {e} (or None, bnkit.momentum.Decay, HalfLife, Schedule or a callable "
+                      f"step -> momentum)") from None
     if KERAS_LOOKALIKE_THRESHOLD <= m < 1.0:
         warnings.warn(
             f"{layer}: momentum={m} is PyTorch's convention (weight of the NEW batch), so running statistics "
             f"will mostly follow the latest batch. It looks like a Keras/TF/Flax momentum (weight of the OLD "
-            f"value). If that is what you meant, write decay={m} (equal to momentum={round(1 - m, 12)}).",
-            UserWarning, stacklevel=5)
-    return m, "momentum"
+            f"value). If that is what you meant, write momentum=bnkit.momentum.Decay({m}) (equal to "
+            f"momentum={round(1 - m, 12)}).", UserWarning, stacklevel=3)
+    return m, "momentum", None
+
+
+def describe(momentum: float | None, convention: str, schedule) -> str:
+    """The ``momentum=`` value that builds a layer with these settings, as written in its repr."""
+    if schedule is not None:
+        return repr(schedule) if isinstance(schedule, Schedule) else getattr(schedule, "__name__", repr(schedule))
+    if convention == "decay" and momentum is not None:
+        return repr(Decay(convert(momentum, "momentum", "decay")))
+    if convention == "half_life" and momentum is not None:
+        return f"HalfLife({convert(momentum, 'momentum', 'half_life'):.6g})"
+    return repr(momentum)
 
 
 def check_value(layer: str, value, step: int) -> float:
@@ -134,6 +206,7 @@ def _cos(v):
     return torch.cos(v) if isinstance(v, torch.Tensor) else math.cos(v)
 
 
+@dataclass(frozen=True)
 class Schedule:
     """A momentum schedule: ``schedule(step) -> torch momentum`` for update step ``step`` (1-based).
 
@@ -143,14 +216,24 @@ class Schedule:
         (1 - a(t)) * start + a(t) * 1 / t,   a(t) = ramp(min(t / total_steps, 1))
 
     so late in training every batch weighs about the same, as in an average over the whole run.
+    A layer built with ``momentum=Schedule(...)`` evaluates it on the device (no host read).
+
+    >>> Schedule("linear", total_steps=4, start=0.2)(4)
+    0.25
     """
 
-    def __init__(self, kind: str, start: float = 0.1, total_steps: int | None = None):
-        if kind not in ("constant", "linear", "cosine"):
-            raise ValueError(f"unknown momentum schedule {kind!r}; expected 'constant', 'linear' or 'cosine'")
-        if kind != "constant" and (total_steps is None or total_steps < 1):
-            raise ValueError(f"the {kind!r} momentum schedule needs total_steps >= 1, got {total_steps}")
-        self.kind, self.start, self.total_steps = kind, _to_momentum(start, "momentum"), total_steps
+    kind: str
+    start: float = 0.1
+    total_steps: int | None = None
+
+    def __post_init__(self):
+        if self.kind not in ("constant", "linear", "cosine"):
+            raise ValueError(f"unknown momentum schedule {self.kind!r}; expected 'constant', 'linear' or 'cosine'")
+        if self.kind != "constant" and (isinstance(self.total_steps, bool) or not isinstance(self.total_steps, int)
+                                        or self.total_steps < 1):
+            raise ValueError(f"the {self.kind!r} momentum schedule needs total_steps >= 1, got {self.total_steps}")
+        label = f"Schedule({self.kind!r}, start={self.start!r})"
+        object.__setattr__(self, "start", _checked(label, self.start, "momentum"))
 
     def ramp(self, step):
         if self.kind == "constant":
@@ -167,20 +250,3 @@ class Schedule:
     def __repr__(self) -> str:
         extra = "" if self.kind == "constant" else f", total_steps={self.total_steps}"
         return f"Schedule({self.kind!r}, start={self.start}{extra})"
-
-
-ScheduleLike = Union[None, str, Callable[[int], float]]
-
-
-def make_schedule(layer: str, schedule: ScheduleLike, momentum: float | None, total_steps: int | None):
-    """Normalize the ``momentum_schedule=`` argument of a layer to a callable or ``None``."""
-    if schedule is None or callable(schedule):
-        return schedule
-    if isinstance(schedule, str):
-        start = 0.1 if momentum is None else momentum
-        try:
-            return Schedule(schedule, start, total_steps)
-        except ValueError as e:
-            raise ValueError(f"{layer}: {e}") from None
-    raise TypeError(f"{layer}: momentum_schedule must be a callable step -> momentum, a name, or None; "
-                    f"got {type(schedule).__name__}")
