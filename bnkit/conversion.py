@@ -51,6 +51,7 @@ from torch.nn.modules.lazy import LazyModuleMixin
 from .freezing import _set_mode, stats_frozen_mode
 from .nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormBase
 from .nn.lazy import LazyBatchNorm1d, LazyBatchNorm2d, LazyBatchNorm3d
+from .nn.ghost import GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d
 from .nn.frozen import FrozenBatchNorm, FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d
 from .nn.renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d, BatchRenormBase
 from .nn.sync import SyncBatchNorm
@@ -74,7 +75,8 @@ _EXTRAS = ("momentum_convention", "momentum_schedule", "activation", "negative_s
 _KNOWN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.LazyBatchNorm1d,
           nn.LazyBatchNorm2d, nn.LazyBatchNorm3d, BatchNorm1d, BatchNorm2d, BatchNorm3d, SyncBatchNorm,
           LazyBatchNorm1d, LazyBatchNorm2d, LazyBatchNorm3d, BatchRenorm1d, BatchRenorm2d, BatchRenorm3d,
-          FrozenBatchNorm, FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d, _BatchNorm)
+          GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d, FrozenBatchNorm, FrozenBatchNorm1d,
+          FrozenBatchNorm2d, FrozenBatchNorm3d, _BatchNorm)
 # The methods that make up a layer's computation (bnkit's variants differ in _batch_statistics).
 _COMPUTATION = ("forward", "_batch_statistics")
 # timm's norm + activation layers (torch.nn subclasses): torch's batch norm, then self.drop, then self.act.

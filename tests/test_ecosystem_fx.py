@@ -73,9 +73,9 @@ class _Masked(nn.Module):
 
 
 @pytest.mark.parametrize("make, args", [
-    (lambda: nn.Sequential(nn.Conv2d(2, 4, 1), bnkit.BatchNorm2d(4, activation="leaky_relu", decay=0.9)),
+    (lambda: nn.Sequential(nn.Conv2d(2, 4, 1), bnkit.BatchNorm2d(4, activation="leaky_relu", momentum=bnkit.momentum.Decay(0.9))),
      lambda: (torch.randn(6, 2, 3, 3),)),
-    (lambda: nn.Sequential(bnkit.BatchNorm2d(2, virtual_batch_size=2)), lambda: (torch.randn(6, 2, 3, 3),)),
+    (lambda: nn.Sequential(bnkit.GhostBatchNorm2d(2, virtual_batch_size=2)), lambda: (torch.randn(6, 2, 3, 3),)),
     (lambda: nn.Sequential(bnkit.BatchRenorm2d(2, rmax=1.5, dmax=0.5)), lambda: (torch.randn(6, 2, 3, 3),)),
     (lambda: nn.Sequential(bnkit.FrozenBatchNorm2d(2, activation="relu")), lambda: (torch.randn(6, 2, 3, 3),)),
     (lambda: nn.Sequential(bnkit.SyncBatchNorm(2)), lambda: (torch.randn(6, 2, 3),)),
