@@ -302,22 +302,28 @@ class BatchNormBase(_TorchBatchNorm):
         CPU channels_last input runs contiguous (the output keeps the input's layout), and ``(N, C)``
         input is shifted by its first row (batch norm does not change under a per-channel shift).
         """
-        if x.device.type == "cpu" and n > 1:
+        shift = None
+        if x.is_cpu and n > 1:
             layout = _channels_last_format(x)
             if layout is not None:
                 y = self._train_aten(_Contiguous.apply(x, layout), n, update)
                 return y.contiguous(memory_format=layout)
-        shift = x[0].detach() if x.device.type == "cpu" and x.dim() == 2 and n > 1 else None
-        if shift is not None:
-            x = x - shift
+            if x.dim() == 2:
+                shift = x[0].detach()
+                x = x - shift
         if not update:
             return self._explained(x, self._aten, x, None, None, True, 0.0)
-        if n == 0:  # torch.nn: empty output, statistics untouched, the batch counted
-            y = self._explained(x, self._aten, x, None, None, True, 0.0)
-            if self.num_batches_tracked is not None:
-                self.num_batches_tracked.add_(1)
-            return y
-        return self._explained(x, _locked, self._aten_update, x, self._momentum_for_update(), shift)
+        momentum = self._momentum_for_update()
+        if n == 0 or (self.nonfinite == "propagate" and shift is None and isinstance(momentum, float)):
+            # torch.nn's own call: the kernel updates the buffers in place (an empty batch: it skips the
+            # statistics and only the count grows, as in torch.nn)
+            buffers = self._buffers
+            nbt = buffers.get("num_batches_tracked")
+            if nbt is not None:
+                nbt.add_(1)
+            stats = (None, None) if n == 0 else (buffers["running_mean"], buffers["running_var"])
+            return self._explained(x, self._aten, x, *stats, True, momentum if n else 0.0)
+        return self._explained(x, _locked, self._aten_update, x, momentum, shift)
 
     def _aten_update(self, x: torch.Tensor, momentum, shift: torch.Tensor | None) -> torch.Tensor:
         buffers = self._buffers
@@ -431,7 +437,7 @@ class BatchNormBase(_TorchBatchNorm):
         buffers = self._buffers
         running_mean = buffers["running_mean"]
         skipped = self._nonfinite_skipped
-        if skipped.device != running_mean.device:  # the layer was moved (.to() moves buffers only)
+        if skipped.device != running_mean.device and keep is not None:  # moved: .to() moves buffers only
             device = running_mean.device
             skipped = torch.zeros((), dtype=torch.long, device=device) if skipped.is_meta else skipped.to(device)
             self._nonfinite_skipped = skipped
