@@ -36,6 +36,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .nn.frozen import FrozenBatchNorm
+from .ops import eval_scale_shift
 
 __all__ = ["fold", "eval_affine", "FoldReport", "FoldedPair", "NotFolded"]
 
@@ -55,13 +56,7 @@ def eval_affine(layer: nn.Module, dtype: torch.dtype = torch.float32) -> tuple[t
         return layer.eval_affine(dtype)
     if layer.running_mean is None or layer.running_var is None:
         return None
-    scale = torch.rsqrt(layer.running_var.detach().to(dtype) + layer.eps)
-    if layer.weight is not None:
-        scale = scale * layer.weight.detach().to(dtype)
-    shift = -layer.running_mean.detach().to(dtype) * scale
-    if layer.bias is not None:
-        shift = shift + layer.bias.detach().to(dtype)
-    return scale, shift
+    return eval_scale_shift(layer.running_mean, layer.running_var, layer.weight, layer.bias, layer.eps, dtype)
 
 
 def _norm_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:

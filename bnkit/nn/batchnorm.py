@@ -17,7 +17,7 @@ import torch
 from torch.nn.modules.batchnorm import _BatchNorm as _TorchBatchNorm
 from torch.utils.hooks import RemovableHandle
 
-from ..ops import check_memory_efficient, normalize, resolve_activation
+from ..ops import check_memory_efficient, eval_scale_shift, normalize, resolve_activation
 from ..ops.activations import apply_activation
 from ..ops.backend import get_backend, kernels_for
 from ..stats import Moments, accumulation_dtype, batch_moments, masked_moments
@@ -549,13 +549,7 @@ class BatchNormBase(_TorchBatchNorm):
         if self.running_mean is None or self.running_var is None or self.example_weight is not None \
                 or isinstance(self.running_mean, torch.nn.parameter.UninitializedBuffer):
             return None
-        scale = torch.rsqrt(self.running_var.detach().to(dtype) + self.eps)
-        if self.weight is not None:
-            scale = scale * self.weight.detach().to(dtype)
-        shift = -self.running_mean.detach().to(dtype) * scale
-        if self.bias is not None:
-            shift = shift + self.bias.detach().to(dtype)
-        return scale, shift
+        return eval_scale_shift(self.running_mean, self.running_var, self.weight, self.bias, self.eps, dtype)
 
 
 def nonfinite_report(model: torch.nn.Module, reset: bool = True) -> dict:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..ops import apply_activation, check_activation
+from ..ops import apply_activation, check_activation, eval_scale_shift
 from ..stats import accumulation_dtype
 from ..validation import check_input
 from .tracing import traced_call
@@ -73,8 +73,7 @@ class FrozenBatchNorm(nn.Module):
 
     def scale_and_shift(self, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
         """The fused per-channel ``(scale, shift)`` in ``dtype``."""
-        scale = self.weight.to(dtype) * torch.rsqrt(self.running_var.to(dtype) + self.eps)
-        return scale, self.bias.to(dtype) - self.running_mean.to(dtype) * scale
+        return eval_scale_shift(self.running_mean, self.running_var, self.weight, self.bias, self.eps, dtype)
 
     def eval_affine(self, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
         """``(scale, shift)`` such that the output is ``act(x * scale + shift)`` per channel (dimension 1),

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from .activations import apply_activation
 
-__all__ = ["normalize", "normalize_running", "is_exporting"]
+__all__ = ["normalize", "normalize_running", "is_exporting", "eval_scale_shift"]
 
 
 def _channel_view(v: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -55,3 +55,17 @@ def normalize_running(x: torch.Tensor, running_mean: torch.Tensor, running_var: 
     """
     y = F.batch_norm(x, running_mean, running_var, weight, bias, training=False, momentum=0.0, eps=eps)
     return apply_activation(y, activation, negative_slope)
+
+
+def eval_scale_shift(running_mean: torch.Tensor, running_var: torch.Tensor, weight: torch.Tensor | None,
+                     bias: torch.Tensor | None, eps: float,
+                     dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eval batch norm as one per-channel affine map ``x * scale + shift`` (detached, in ``dtype``):
+    ``scale = weight / sqrt(running_var + eps)``, ``shift = bias - running_mean * scale``."""
+    scale = torch.rsqrt(running_var.detach().to(dtype) + eps)
+    if weight is not None:
+        scale = scale * weight.detach().to(dtype)
+    shift = -running_mean.detach().to(dtype) * scale
+    if bias is not None:
+        shift = shift + bias.detach().to(dtype)
+    return scale, shift
