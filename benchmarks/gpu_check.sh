@@ -32,7 +32,7 @@ step "bench_kernels timing" 70 python benchmarks/bench_kernels.py --no-compile \
 # Whole model: ResNet-50 b128 bf16 channels_last, torch.nn vs bnkit; syncs; CUDA-graph capture.
 step "bench_model" 70 python benchmarks/bench_model.py --steps 10
 # The CUDA tests (AMP against float64) and the kernels' interpreter tests.
-step "pytest" 100 python -m pytest tests/test_ecosystem_amp.py tests/test_triton_kernels.py -q -x
+step "pytest" 100 python -m pytest tests/ecosystem/test_ecosystem_amp.py tests/ops/test_triton_kernels.py -q -x
 
 echo
 printf '%s\n' "${SUMMARY[@]}"

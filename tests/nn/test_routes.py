@@ -6,7 +6,7 @@ Routes (decided in BatchNormBase.forward / _train_route / _eval_route):
             biased-variance convention or single_sample="skip_update" (differentiable torch ops)
   aten      plain training through torch's batch_norm kernel + the on-device guard (update) or
             without buffers (no update: frozen statistics, track_running_stats=False)
-  kernels   Triton, only for CUDA tensors where the measured table says it wins (tests/test_triton_*)
+  kernels   Triton, only for CUDA tensors where the measured table says it wins (tests/ops/)
 """
 import threading
 from unittest import mock

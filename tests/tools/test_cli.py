@@ -11,7 +11,7 @@ from torch import nn
 from bnkit.digits import digits_cnn
 from bnkit.cli import CLIError, main
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(autouse=True)

@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-# not imported here: tests/test_triton_kernels.py needs Triton imported in interpreter mode first
+# not imported here: tests/ops/test_triton_kernels.py needs Triton imported in interpreter mode first
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
                                 reason="Triton is not installed (pip install 'bnkit[triton]')")
 
@@ -71,7 +71,7 @@ print(json.dumps(out))
 
 def test_kernels_compile_for_sm90_and_vectorize():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                                          env.get("PYTHONPATH", "")])
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     run = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=600)

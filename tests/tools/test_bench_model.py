@@ -13,7 +13,7 @@ except Exception as e:  # a torchvision wheel built for another torch raises Run
 
 
 def _bench_model():
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "bench_model.py")
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "benchmarks", "bench_model.py")
     spec = importlib.util.spec_from_file_location("bench_model", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

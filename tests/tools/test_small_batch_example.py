@@ -5,7 +5,7 @@ import pathlib
 import pytest
 import torch
 
-EXAMPLE = pathlib.Path(__file__).resolve().parents[1] / "examples" / "small_batch_digits.py"
+EXAMPLE = pathlib.Path(__file__).resolve().parents[2] / "examples" / "small_batch_digits.py"
 
 
 @pytest.fixture(autouse=True)

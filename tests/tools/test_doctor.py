@@ -13,7 +13,7 @@ from torch import nn
 import bnkit
 from bnkit.doctor import doctor
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def _data(n=512, seed=0):
