@@ -158,6 +158,9 @@ class BatchNormBase(_TorchBatchNorm):
         if "memory_efficient" in state:
             state["_memory_efficient"] = state.pop("memory_efficient")
         size = state.pop("virtual_batch_size", None)
+        state.pop("stats_sink", None)  # replaced by register_moments_hook
+        state.setdefault("_moments_hooks", OrderedDict())
+        state.setdefault("_nonfinite_skipped", torch.zeros((), dtype=torch.long))  # moved on the first update
         super().__setstate__(state)
         if size is not None and type(self)._batch_statistics is BatchNormBase._batch_statistics:
             from . import ghost  # ghost imports this module

@@ -226,3 +226,14 @@ def test_whole_model_pickles_of_the_keyword_api_keep_their_behaviour():
     assert type(old) is bnkit.GhostBatchNorm2d and old.virtual_batch_size == 2 and old.memory_efficient is True
     x = torch.randn(6, 3, 2, 2)
     torch.testing.assert_close(old(x), ghost(x))
+
+
+def test_whole_model_pickles_from_before_the_core_rebuild_still_run():
+    """bnkit 0.1 layers had a ``stats_sink`` and no skip counter or moments hooks."""
+    fresh = bnkit.BatchNorm2d(3)
+    state = {k: v for k, v in fresh.__dict__.items() if k not in ("_moments_hooks", "_nonfinite_skipped")}
+    old = bnkit.BatchNorm2d.__new__(bnkit.BatchNorm2d)
+    old.__setstate__({**state, "stats_sink": None})
+    x = torch.randn(4, 3, 2, 2)
+    torch.testing.assert_close(old(x), torch.nn.BatchNorm2d(3)(x))
+    assert old.num_batches_tracked.item() == 1 and not hasattr(old, "stats_sink")
