@@ -248,7 +248,7 @@ class BatchNormBase(_TorchBatchNorm):
         else:
             update = training and running and self.track_running_stats and self.stats_frozen is None
             y = self._train_route(x, mask, update)
-            if training and self.last_train_batch_size != x.shape[0]:
+            if training and x.shape[0] and self.last_train_batch_size != x.shape[0]:  # empty batches: no size
                 self.last_train_batch_size = x.shape[0]
         return y if axis == 1 else channel_back(y, axis)
 
@@ -258,7 +258,7 @@ class BatchNormBase(_TorchBatchNorm):
         alpha = self._example_weight()
         if alpha is not None:
             return self._composed_eval(x, mask, alpha)
-        kernels = kernels_for(x, False) if x.is_cuda or _FORCED_KERNELS() else None
+        kernels = kernels_for(x, False) if x.is_cuda or _cpu_kernels_forced() else None
         if kernels is not None:
             self._check(x)
             y = kernels.eval_forward(x, self.running_mean, self.running_var, self.weight, self.bias, self.eps,
@@ -285,7 +285,7 @@ class BatchNormBase(_TorchBatchNorm):
         if self._moments_hooks:
             self._check(x)
             self._call_moments_hooks(Moments.of(x))
-        kernels = kernels_for(x, True, self.memory_efficient) if n > 1 and (x.is_cuda or _FORCED_KERNELS()) \
+        kernels = kernels_for(x, True, self.memory_efficient) if n > 1 and (x.is_cuda or _cpu_kernels_forced()) \
             else None
         if kernels is not None:
             self._check(x)
@@ -568,7 +568,7 @@ def nonfinite_report(model: torch.nn.Module, reset: bool = True) -> dict:
     return report
 
 
-def _FORCED_KERNELS() -> bool:  # noqa: N802 - reads like the constant it nearly is
+def _cpu_kernels_forced() -> bool:
     """CPU tensors take the kernels only when forced (Triton's interpreter, in tests)."""
     return get_backend() == "triton"
 

@@ -247,6 +247,10 @@ def test_refused_batch_does_not_change_last_train_batch_size():
     with pytest.raises(ValueError):
         bn(torch.randn(5, 4, 2, 2))  # wrong channel count: refused
     assert bn.last_train_batch_size == 8
+    bn(torch.randn(0, 3, 2, 2))  # an empty batch is accepted (as torch) but has no size to remember
+    assert bn.last_train_batch_size == 8
+    bn.eval()
+    assert bn(torch.randn(2, 3, 2, 2)).shape == (2, 3, 2, 2)
 
 
 def test_nonfinite_report_names_the_layers_that_skipped():
