@@ -48,7 +48,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.lazy import LazyModuleMixin
 
-from .freezing import _set_mode, stats_frozen_mode
+from .freezing import set_stats_frozen_mode, stats_frozen_mode
 from .nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormBase
 from .nn.lazy import LazyBatchNorm1d, LazyBatchNorm2d, LazyBatchNorm3d
 from .nn.ghost import GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d
@@ -212,7 +212,7 @@ def _swap_batch_norm(m: _BatchNorm, cls, process_group, activation) -> nn.Module
             new.activation, new.negative_slope = activation
     mode = stats_frozen_mode(m)
     if mode is not None:
-        _set_mode(new, mode)
+        set_stats_frozen_mode(new, mode)
     return new
 
 

@@ -19,7 +19,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .nn.batchnorm import BatchNormBase
 
-__all__ = ["freeze_stats", "unfreeze_stats", "frozen_stats", "stats_frozen_mode", "batch_norm_layers"]
+__all__ = ["freeze_stats", "unfreeze_stats", "frozen_stats", "stats_frozen_mode", "set_stats_frozen_mode",
+           "batch_norm_layers"]
 
 _HOOKS = "_bnkit_freeze_hooks"
 _MODE = "_bnkit_stats_frozen"
@@ -50,7 +51,11 @@ def stats_frozen_mode(module: torch.nn.Module):
     return getattr(module, _MODE, None)
 
 
-def _set_mode(module: _BatchNorm, mode) -> None:
+def set_stats_frozen_mode(module: _BatchNorm, mode) -> None:
+    """Set one layer's freeze state, the counterpart of :func:`stats_frozen_mode`: ``None`` (live),
+    ``"batch"`` or ``"running"``; bnkit layers through ``stats_frozen``, torch.nn layers through hooks."""
+    if mode not in (None, "batch", "running"):
+        raise ValueError(f"set_stats_frozen_mode: mode must be None, 'batch' or 'running', got {mode!r}")
     if isinstance(module, BatchNormBase):
         module.stats_frozen = mode
         return
@@ -75,14 +80,14 @@ def freeze_stats(model: torch.nn.Module, use_running: bool = False) -> torch.nn.
     if not layers:
         raise ValueError(f"freeze_stats: {type(model).__name__} has no batch-norm layer")
     for _, m in layers:
-        _set_mode(m, "running" if use_running else "batch")
+        set_stats_frozen_mode(m, "running" if use_running else "batch")
     return model
 
 
 def unfreeze_stats(model: torch.nn.Module) -> torch.nn.Module:
     """Undo :func:`freeze_stats`: running statistics update again in training mode."""
     for _, m in batch_norm_layers(model):
-        _set_mode(m, None)
+        set_stats_frozen_mode(m, None)
     return model
 
 
@@ -96,4 +101,4 @@ def frozen_stats(model: torch.nn.Module, use_running: bool = False):
         yield model
     finally:
         for (_, m), mode in zip(layers, previous):
-            _set_mode(m, mode)
+            set_stats_frozen_mode(m, mode)

@@ -65,3 +65,20 @@ def test_frozen_batch_of_one_with_running_stats_is_allowed():
     bnkit.freeze_stats(bn, use_running=True)
     y = bn(torch.randn(1, 3))  # the fix the batch-of-one error message suggests
     assert y.shape == (1, 3)
+
+
+def test_set_stats_frozen_mode_per_layer_on_torch_and_bnkit_layers():
+    from bnkit.freezing import set_stats_frozen_mode, stats_frozen_mode
+    for layer in (torch.nn.BatchNorm1d(3), bnkit.BatchNorm1d(3)):
+        set_stats_frozen_mode(layer, "batch")
+        assert stats_frozen_mode(layer) == "batch"
+        x = torch.randn(4, 3) + 2
+        y = layer(x)
+        torch.testing.assert_close(y, torch.nn.functional.batch_norm(x, None, None, layer.weight, layer.bias,
+                                                                     training=True))
+        assert torch.equal(layer.running_mean, torch.zeros(3)) and layer.num_batches_tracked.item() == 0
+        set_stats_frozen_mode(layer, None)
+        layer(x)
+        assert layer.num_batches_tracked.item() == 1
+        with pytest.raises(ValueError, match="mode must be None, 'batch' or 'running'"):
+            set_stats_frozen_mode(layer, "frozen")
