@@ -173,7 +173,7 @@ def _check_feeds(model, data, path: str) -> None:
 
 
 def _doctor(args, console) -> int:
-    from .doctor import doctor
+    from .tools.doctor import doctor
 
     out = _output_dir(args.out, args.force) if args.out else None
     model = _load_model(args.model, args.trust_pickle)
@@ -225,7 +225,7 @@ def _accuracy_without_eval(model, x, y, batch_size: int) -> float:
     import torch
 
     from .digits import batches
-    from .freezing import frozen_stats
+    from .tools.freezing import frozen_stats
 
     model.train()
     correct = total = 0
@@ -239,7 +239,7 @@ def _accuracy_without_eval(model, x, y, batch_size: int) -> float:
 
 def _calibrated(model, x, batch_size: int = 256):
     """A copy of ``model`` whose statistics are recomputed on the images ``x`` (no labels needed)."""
-    from .calibrate import calibrate  # lazy: its own module
+    from .tools.calibrate import calibrate  # lazy: its own module
 
     c = copy.deepcopy(model)
     calibrate(c, list(x.split(batch_size)), num_batches=None, mode="precise", progress=False)
@@ -282,7 +282,7 @@ def _demo_run(args, console, out: Path, start: float) -> int:
     from rich.table import Table
 
     from .digits import SMALL_BATCH, digits_cnn, evaluate, load_digits, mean_spread, shift, small_batch_comparison
-    from .doctor import doctor
+    from .tools.doctor import doctor
 
     seeds = [args.seed] if args.quick else [args.seed + i for i in range(3)]
     x, y, xt, yt = load_digits()

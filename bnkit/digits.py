@@ -159,8 +159,8 @@ def small_batch_comparison(seeds=(0, 1, 2), batch_size: int = SMALL_BATCH["batch
     always run, the others are compared with it), or a dict like the one it returns.
     ``on_run(method, seed)`` is called before each run (progress reporting). ``train_images``: train
     on the first that many training images only (smoke tests)."""
-    from .calibrate import calibrate
-    from .conversion import freeze
+    from .tools.calibrate import calibrate
+    from .tools.conversion import freeze
 
     x, y, xt, yt = load_digits()
     x, y = x[:train_images], y[:train_images]

@@ -157,7 +157,7 @@ class SyncBatchNorm(BatchNormBase):
         ``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` builds ``torch.nn.SyncBatchNorm`` layers
         whatever it is given, so bnkit layers passed through it lose their options.
         """
-        from ..conversion import convert_sync_batchnorm  # conversion imports this module
+        from ..tools.conversion import convert_sync_batchnorm  # conversion imports this module
         return convert_sync_batchnorm(module, process_group)
 
     def extra_repr(self) -> str:

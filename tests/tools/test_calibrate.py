@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import bnkit
-from bnkit.freezing import stats_frozen_mode
+from bnkit.tools.freezing import stats_frozen_mode
 
 
 def _batches(shape_tail, sizes, mean=0.0, std=1.0, dtype=torch.float64, seed=0):

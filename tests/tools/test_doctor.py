@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import bnkit
-from bnkit.doctor import doctor
+from bnkit.tools.doctor import doctor
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 

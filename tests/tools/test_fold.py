@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import bnkit
-from bnkit.fold import fold
+from bnkit.tools.fold import fold
 
 
 def _randomize_bn(bn: nn.Module, gen: torch.Generator) -> None:

@@ -68,7 +68,7 @@ def test_frozen_batch_of_one_with_running_stats_is_allowed():
 
 
 def test_set_stats_frozen_mode_per_layer_on_torch_and_bnkit_layers():
-    from bnkit.freezing import set_stats_frozen_mode, stats_frozen_mode
+    from bnkit.tools.freezing import set_stats_frozen_mode, stats_frozen_mode
     for layer in (torch.nn.BatchNorm1d(3), bnkit.BatchNorm1d(3)):
         set_stats_frozen_mode(layer, "batch")
         assert stats_frozen_mode(layer) == "batch"

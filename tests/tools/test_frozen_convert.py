@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 import bnkit
-from bnkit.conversion import convert
+from bnkit.tools.conversion import convert
 
 
 def _trained_bn(cls, c, shape, **kw):

@@ -21,10 +21,10 @@ import contextlib
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ..functional import batch_statistics_update
+from ..nn.batchnorm import BatchNormBase
+from ..stats import Moments
 from .freezing import batch_norm_layers
-from .functional import batch_statistics_update
-from .nn.batchnorm import BatchNormBase
-from .stats import Moments
 
 __all__ = ["accumulate"]
 

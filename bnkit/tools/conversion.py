@@ -48,13 +48,13 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.lazy import LazyModuleMixin
 
+from ..nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormBase
+from ..nn.frozen import FrozenBatchNorm, FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d
+from ..nn.ghost import GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d
+from ..nn.lazy import LazyBatchNorm1d, LazyBatchNorm2d, LazyBatchNorm3d
+from ..nn.renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d, BatchRenormBase
+from ..nn.sync import SyncBatchNorm
 from .freezing import set_stats_frozen_mode, stats_frozen_mode
-from .nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormBase
-from .nn.lazy import LazyBatchNorm1d, LazyBatchNorm2d, LazyBatchNorm3d
-from .nn.ghost import GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d
-from .nn.frozen import FrozenBatchNorm, FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d
-from .nn.renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d, BatchRenormBase
-from .nn.sync import SyncBatchNorm
 
 __all__ = ["convert", "convert_sync_batchnorm", "freeze", "TARGETS"]
 

@@ -35,8 +35,8 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .nn.frozen import FrozenBatchNorm
-from .ops import eval_scale_shift
+from ..nn.frozen import FrozenBatchNorm
+from ..ops import eval_scale_shift
 
 __all__ = ["fold", "eval_affine", "FoldReport", "FoldedPair", "NotFolded"]
 

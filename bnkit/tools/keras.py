@@ -27,9 +27,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..nn import BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormBase, FrozenBatchNorm
+from ..stats.momentum import Decay
 from .fold import eval_affine, not_affine_reason
-from .nn import BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormBase, FrozenBatchNorm
-from .stats.momentum import Decay
 
 __all__ = ["from_keras", "to_keras"]
 

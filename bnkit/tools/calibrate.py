@@ -72,9 +72,9 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
+from ..stats import Moments
+from ..validation import channel_first, check_mask, mask_from_lengths
 from .freezing import batch_norm_layers, frozen_stats
-from .validation import channel_first, check_mask, mask_from_lengths
-from .stats import Moments
 
 __all__ = ["calibrate", "CalibrationReport", "LayerCalibration", "MODES"]
 

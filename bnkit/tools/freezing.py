@@ -17,7 +17,7 @@ import contextlib
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .nn.batchnorm import BatchNormBase
+from ..nn.batchnorm import BatchNormBase
 
 __all__ = ["freeze_stats", "unfreeze_stats", "frozen_stats", "stats_frozen_mode", "set_stats_frozen_mode",
            "batch_norm_layers"]

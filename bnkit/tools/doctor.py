@@ -36,11 +36,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .freezing import batch_norm_layers, frozen_stats
+from ..functional import batch_norm
+from ..stats.momentum import KERAS_LOOKALIKE_THRESHOLD, convert
+from ..validation import channel_first
 from .fold import eval_affine
-from .functional import batch_norm
-from .validation import channel_first
-from .stats.momentum import KERAS_LOOKALIKE_THRESHOLD, convert
+from .freezing import batch_norm_layers, frozen_stats
 
 __all__ = ["doctor", "DoctorReport", "LayerDiagnosis", "Finding", "THRESHOLDS"]
 
