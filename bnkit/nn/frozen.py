@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..ops import apply_activation, check_activation, eval_scale_shift
+from ..ops import apply_activation, eval_scale_shift, resolve_activation
 from ..stats import accumulation_dtype
 from ..validation import check_input
 from .tracing import traced_call
@@ -31,7 +31,8 @@ class FrozenBatchNorm(nn.Module):
         num_features: C.
         eps: added to ``running_var``. Default 1e-5.
         device, dtype: of the buffers.
-        activation, negative_slope: as in :class:`bnkit.BatchNorm2d` (applied after the affine).
+        activation: as in :class:`bnkit.BatchNorm2d`: a name or ``nn.ReLU()``, ``nn.LeakyReLU(slope)``,
+            ``nn.SiLU()``, ``nn.Identity()`` (applied after the affine).
 
     Buffers: ``weight``, ``bias``, ``running_mean``, ``running_var`` (shape ``(C,)``).
 
@@ -42,8 +43,7 @@ class FrozenBatchNorm(nn.Module):
     _expected_dims: tuple[int, ...] = ()
     _dims_doc = "(N, C, *)"
 
-    def __init__(self, num_features: int, eps: float = 1e-5, device=None, dtype=None, *,
-                 activation: str | None = None, negative_slope: float = 0.01):
+    def __init__(self, num_features: int, eps: float = 1e-5, device=None, dtype=None, *, activation=None):
         super().__init__()
         if not isinstance(num_features, int) or num_features < 1:
             raise ValueError(f"{type(self).__name__}: num_features must be a positive int, got {num_features!r}")
@@ -52,8 +52,7 @@ class FrozenBatchNorm(nn.Module):
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
             raise ValueError(f"{type(self).__name__}({num_features}): eps must be a number >= 0, got {eps!r}")
         self.num_features, self.eps = num_features, eps
-        self.activation = check_activation(self.layer_name, activation)
-        self.negative_slope = negative_slope
+        self.activation, self.negative_slope = resolve_activation(self.layer_name, activation)
         factory = {"device": device, "dtype": dtype}
         self.register_buffer("weight", torch.ones(num_features, **factory))
         self.register_buffer("bias", torch.zeros(num_features, **factory))

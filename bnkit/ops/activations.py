@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ACTIVATIONS", "check_activation", "resolve_activation", "apply_activation", "check_memory_efficient"]
+__all__ = ["activation_module", "ACTIVATIONS", "check_activation", "resolve_activation", "apply_activation", "check_memory_efficient"]
 
 ACTIVATIONS = ("identity", "relu", "leaky_relu", "silu")
 
@@ -32,6 +32,13 @@ def resolve_activation(layer: str, activation) -> tuple[str, float]:
                          f"nn.Identity(), nn.ReLU(), nn.LeakyReLU(slope), nn.SiLU() or a name in {ACTIVATIONS}, "
                          f"or put the module after the layer")
     return name, float(activation.negative_slope) if name == "leaky_relu" else 0.01
+
+
+def activation_module(name: str, negative_slope: float = 0.01) -> nn.Module:
+    """The torch module that computes activation ``name`` (the inverse of :func:`resolve_activation`)."""
+    if name == "leaky_relu":
+        return nn.LeakyReLU(negative_slope)
+    return {"identity": nn.Identity, "relu": nn.ReLU, "silu": nn.SiLU}[name]()
 
 
 def check_memory_efficient(layer: str, memory_efficient: bool, activation: str, negative_slope: float) -> bool:

@@ -54,6 +54,7 @@ from ..nn.ghost import GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d
 from ..nn.lazy import LazyBatchNorm1d, LazyBatchNorm2d, LazyBatchNorm3d
 from ..nn.renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d, BatchRenormBase
 from ..nn.sync import SyncBatchNorm
+from ..ops import activation_module
 from .freezing import set_stats_frozen_mode, stats_frozen_mode
 
 __all__ = ["convert", "convert_sync_batchnorm", "freeze", "TARGETS"]
@@ -178,9 +179,9 @@ def _from_frozen(m: FrozenBatchNorm, cls) -> nn.Module:
 
 
 def _to_frozen(m: _BatchNorm, cls, activation) -> FrozenBatchNorm:
-    extra = {"activation": m.activation, "negative_slope": m.negative_slope} if isinstance(m, BatchNormBase) else {}
+    extra = {"activation": activation_module(m.activation, m.negative_slope)} if isinstance(m, BatchNormBase) else {}
     if activation is not None:
-        extra = dict(zip(("activation", "negative_slope"), activation))
+        extra = {"activation": activation_module(*activation)}
     new = cls(m.num_features, m.eps, device=m.running_mean.device, dtype=m.running_mean.dtype, **extra)
     with torch.no_grad():
         new.running_mean.copy_(m.running_mean)

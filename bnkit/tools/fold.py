@@ -36,7 +36,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..nn.frozen import FrozenBatchNorm
-from ..ops import eval_scale_shift
+from ..ops import activation_module, eval_scale_shift
 
 __all__ = ["fold", "eval_affine", "FoldReport", "FoldedPair", "NotFolded"]
 
@@ -218,18 +218,6 @@ def _fold_map(bn: nn.Module, layer: nn.Module, producer: str) -> tuple[torch.Ten
     return affine
 
 
-def _activation_module(bn: nn.Module) -> nn.Module:
-    """What replaces the folded layer: Identity, or the activation a bnkit layer applied after its affine."""
-    activation = getattr(bn, "activation", "identity")
-    if activation == "relu":
-        return nn.ReLU()
-    if activation == "leaky_relu":
-        return nn.LeakyReLU(bn.negative_slope)
-    if activation == "silu":
-        return nn.SiLU()
-    return nn.Identity()
-
-
 @torch.no_grad()
 def _fold_into(layer: nn.Module, scale: torch.Tensor, shift: torch.Tensor) -> None:
     """Rewrite ``layer``'s weight and bias so that ``layer(x)`` equals ``layer(x) * scale + shift`` (per output
@@ -324,7 +312,8 @@ def fold(model: nn.Module, inplace: bool = False) -> tuple[nn.Module, FoldReport
             report.not_folded.append(NotFolded(name, folding))
             continue
         _fold_into(layer, *folding)
-        replacement = _activation_module(bn)
+        # what replaces the folded layer: Identity, or the activation a bnkit layer applied after its affine
+        replacement = activation_module(getattr(bn, "activation", "identity"), getattr(bn, "negative_slope", 0.01))
         _replace(model, name, replacement)
         note = ("was in training mode; folded with its running statistics (eval behaviour)"
                 if bn.training and isinstance(bn, _BatchNorm) else "")

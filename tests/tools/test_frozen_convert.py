@@ -171,3 +171,21 @@ def test_frozen_eps_zero_equals_torch_eval():
     frozen.load_state_dict(bn.state_dict())
     x = torch.randn(2, 3, 5, 5)
     torch.testing.assert_close(frozen(x), bn(x), rtol=1e-6, atol=1e-6)
+
+
+def test_frozen_takes_activation_modules_and_freeze_keeps_the_slope():
+    bn = bnkit.BatchNorm2d(3, activation=torch.nn.LeakyReLU(0.2)).eval()
+    with torch.no_grad():
+        bn.running_mean.copy_(torch.tensor([0.5, -1.0, 2.0]))
+        bn.running_var.copy_(torch.tensor([1.5, 0.2, 3.0]))
+    x = torch.randn(4, 3, 5, 5)
+    ref = torch.nn.functional.leaky_relu(torch.nn.functional.batch_norm(
+        x, bn.running_mean, bn.running_var, bn.weight, bn.bias), 0.2)
+    frozen = bnkit.freeze(torch.nn.Sequential(bn))[0]
+    assert type(frozen) is bnkit.FrozenBatchNorm2d and frozen.negative_slope == 0.2
+    torch.testing.assert_close(frozen(x), ref)
+    direct = bnkit.FrozenBatchNorm2d(3, activation=torch.nn.LeakyReLU(0.2))
+    direct.load_state_dict(bn.state_dict())
+    torch.testing.assert_close(direct(x), ref)
+    with pytest.raises(ValueError, match=r"FrozenBatchNorm2d\(3\): activation .* cannot be fused"):
+        bnkit.FrozenBatchNorm2d(3, activation=torch.nn.GELU())
