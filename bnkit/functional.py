@@ -35,7 +35,7 @@ import torch
 
 from .ops import check_activation, normalize, normalize_running
 from .stats import accumulation_dtype, batch_moments, example_weighted_moments, masked_moments
-from .stats.running import RunningStats, finite, updated
+from .stats.running import RunningStats, enough_values, finite, stored_variance, updated
 from .validation import (NONFINITE_POLICIES, SINGLE_SAMPLE_POLICIES, VARIANCE_KINDS, channel_back, channel_first,
                          check_batch_size, check_choice, check_eps, check_input, check_mask, check_momentum,
                          mask_from_lengths, nonfinite_message)
@@ -44,21 +44,13 @@ __all__ = ["batch_norm", "batch_norm_stateless", "forward_core", "batch_statisti
            "NONFINITE_POLICIES", "SINGLE_SAMPLE_POLICIES", "VARIANCE_KINDS"]
 
 
-def _stored_var(var: torch.Tensor, n, variance: str) -> torch.Tensor:
-    """The variance the running update stores: unbiased ``var * n / (n - 1)`` (torch) or the biased one."""
-    if variance != "unbiased" or n is None:
-        return var
-    if isinstance(n, torch.Tensor):
-        return var * (n / torch.clamp(n - 1, min=1)).to(var.dtype)
-    return var * (n / (n - 1))
-
-
 def _keep(mean, var, n, nonfinite: str):
     """Device-side condition for taking this batch: finite statistics (unless ``"propagate"``) and, for
     masked batches (``n`` a tensor), at least 2 valid values."""
     keep = None if nonfinite == "propagate" else finite(mean, var)
-    if isinstance(n, torch.Tensor):
-        keep = (n >= 2) if keep is None else keep & (n >= 2)
+    enough = enough_values(n)
+    if enough is not None:
+        keep = enough if keep is None else keep & enough
     return keep
 
 
@@ -86,7 +78,7 @@ def batch_statistics_update(name: str, mean: torch.Tensor, var: torch.Tensor, n,
     mean, var = mean.detach(), var.detach()
     keep = _keep(mean, var, n, nonfinite)
     _report(name, mean, var, keep, nonfinite)
-    _write(updated(running_mean, running_var, num_batches_tracked, mean, _stored_var(var, n, variance), momentum,
+    _write(updated(running_mean, running_var, num_batches_tracked, mean, stored_variance(var, n, variance == "unbiased"), momentum,
                    keep), running_mean, running_var, num_batches_tracked)
 
 
@@ -133,7 +125,7 @@ def forward_core(name: str, x: torch.Tensor, weight, bias, running_mean, running
         if update:
             m, v = mean.detach(), var.detach()
             keep = _keep(m, v, n, nonfinite)
-            new = updated(running_mean, running_var, num_batches_tracked, m, _stored_var(v, n, variance), momentum,
+            new = updated(running_mean, running_var, num_batches_tracked, m, stored_variance(v, n, variance == "unbiased"), momentum,
                           keep)
             report = lambda: _report(name, m, v, keep, nonfinite)  # noqa: E731
     y = normalize(x, mean, var, weight, bias, eps, activation, negative_slope)

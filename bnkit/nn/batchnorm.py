@@ -23,7 +23,7 @@ from ..ops.backend import get_backend, kernels_for
 from ..stats import Moments, accumulation_dtype, batch_moments, masked_moments
 from ..stats import example_weighted_moments
 from ..stats import momentum as momentum_lib
-from ..stats.running import candidates, commit, finite
+from ..stats.running import candidates, commit, enough_values, finite, stored_variance
 from ..validation import (NONFINITE_POLICIES, SINGLE_SAMPLE_POLICIES, VARIANCE_KINDS, channel_back, channel_first,
                           check_batch_size, check_choice, check_eps, check_input, check_mask, mask_from_lengths,
                           nonfinite_message)
@@ -415,16 +415,10 @@ class BatchNormBase(_TorchBatchNorm):
         _locked(self._fold, mean.detach(), var.detach(), n)
 
     def _fold(self, mean: torch.Tensor, var: torch.Tensor, n) -> None:
-        enough = None
-        if self.variance == "unbiased" and n is not None:
-            if isinstance(n, torch.Tensor):
-                enough = n >= 2
-                var = var * (n / torch.clamp(n - 1, min=1)).to(var.dtype)
-            else:
-                var = var * (n / (n - 1))
+        var = stored_variance(var, n, self.variance == "unbiased")
         new_mean, new_var = candidates(self.running_mean, self.running_var, self.num_batches_tracked, mean, var,
                                        self._momentum_for_update())
-        self._commit(new_mean, new_var, (mean, var), enough)
+        self._commit(new_mean, new_var, (mean, var), enough_values(n))
 
     def _commit(self, new_mean, new_var, checked: tuple, enough: torch.Tensor | None = None) -> None:
         """The non-finite policy, then the one in-place update (:func:`bnkit.stats.running.commit`).

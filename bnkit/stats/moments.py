@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 __all__ = ["accumulation_dtype", "reduce_dims", "batch_moments", "masked_moments", "example_weighted_moments",
-           "Moments", "unbiased_factor"]
+           "Moments"]
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -88,11 +88,6 @@ def example_weighted_moments(x: torch.Tensor, mean: torch.Tensor, var: torch.Ten
     mu = alpha * mu_e + (1 - alpha) * mean
     v = alpha * var_e + (1 - alpha) * var + alpha * (1 - alpha) * (mu_e - mean) ** 2
     return mu, v
-
-
-def unbiased_factor(n: int) -> float:
-    """Bessel's correction ``n / (n - 1)``, which turns a biased variance of n values into an unbiased one."""
-    return n / (n - 1)
 
 
 @dataclass

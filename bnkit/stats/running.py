@@ -18,7 +18,8 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["ema", "finite", "candidates", "commit", "updated", "RunningStats", "update_running_stats"]
+__all__ = ["ema", "finite", "stored_variance", "enough_values", "candidates", "commit", "updated", "RunningStats",
+           "update_running_stats"]
 
 
 def finite(*tensors: torch.Tensor) -> torch.Tensor:
@@ -27,6 +28,23 @@ def finite(*tensors: torch.Tensor) -> torch.Tensor:
     for t in tensors[1:]:
         keep = keep & torch.isfinite(t).all()
     return keep
+
+
+def stored_variance(var: torch.Tensor, n, unbiased: bool) -> torch.Tensor:
+    """The variance a running update stores from a biased batch variance over ``n`` values: Bessel's
+    ``var * n / (n - 1)`` (torch's convention) or ``var`` itself (Keras's; or ``n=None``: ``var`` is
+    already the estimate to store). ``n`` may be a 0-d tensor (masked batches), kept on the device."""
+    if not unbiased or n is None:
+        return var
+    if isinstance(n, torch.Tensor):
+        return var * (n / torch.clamp(n - 1, min=1)).to(var.dtype)
+    return var * (n / (n - 1))
+
+
+def enough_values(n) -> torch.Tensor | None:
+    """For a count known only on the device (a masked batch): a 0-d bool, at least 2 values, whatever
+    variance is stored. None for a count known on the host (checked there, before the batch runs)."""
+    return n >= 2 if isinstance(n, torch.Tensor) else None
 
 
 def ema(old: torch.Tensor, new: torch.Tensor, momentum) -> torch.Tensor:

@@ -52,13 +52,15 @@ def test_mask_with_fewer_than_two_valid_values_leaves_statistics_and_is_reported
         bn.eval()
 
 
-def test_fully_masked_batch_is_finite_and_leaves_statistics_like_keras():
-    bn = bnkit.BatchNorm1d(3, axis=-1)
-    x = torch.randn(2, 4, 3)
+@pytest.mark.parametrize("variance", ["unbiased", "biased"])
+def test_fully_masked_batch_is_finite_and_leaves_statistics_like_keras(variance):
+    bn = bnkit.BatchNorm1d(3, axis=-1, variance=variance)
+    x = torch.randn(2, 4, 3) + 5
     mask = torch.zeros(2, 4, dtype=torch.bool)
     y = bn(x, mask=mask)
     assert torch.equal(y, x)  # every position is padding: passed through, finite
     assert torch.equal(bn.running_mean, torch.zeros(3)) and torch.equal(bn.running_var, torch.ones(3))
+    assert bn.num_batches_tracked.item() == 0
 
 
 def test_padding_values_never_matter():
