@@ -408,19 +408,20 @@ class BatchNormBase(_TorchBatchNorm):
         step = 1 + (int(self.num_batches_tracked) if self.num_batches_tracked is not None else 0)
         return momentum_lib.check_value(self.layer_name, self.momentum_schedule(step), step)
 
-    def _update_running(self, mean: torch.Tensor, var: torch.Tensor, n) -> None:
+    def _update_running(self, mean: torch.Tensor, var: torch.Tensor, n) -> torch.Tensor | None:
         """Fold ``(mean, biased var over n values)`` into the running statistics (``n=None``: ``var``
         is already the unbiased estimate). ``n`` may be a tensor (masked batches): fewer than 2
-        values leave the statistics unchanged. Read-modify-write under the update lock."""
-        _locked(self._fold, mean.detach(), var.detach(), n)
+        values leave the statistics unchanged. Read-modify-write under the update lock. Returns the
+        device-side ``keep`` condition (None under ``"propagate"``) for statistics kept alongside."""
+        return _locked(self._fold, mean.detach(), var.detach(), n)
 
-    def _fold(self, mean: torch.Tensor, var: torch.Tensor, n) -> None:
+    def _fold(self, mean: torch.Tensor, var: torch.Tensor, n) -> torch.Tensor | None:
         var = stored_variance(var, n, self.variance == "unbiased")
         new_mean, new_var = candidates(self.running_mean, self.running_var, self.num_batches_tracked, mean, var,
                                        self._momentum_for_update())
-        self._commit(new_mean, new_var, (mean, var), enough_values(n))
+        return self._commit(new_mean, new_var, (mean, var), enough_values(n))
 
-    def _commit(self, new_mean, new_var, checked: tuple, enough: torch.Tensor | None = None) -> None:
+    def _commit(self, new_mean, new_var, checked: tuple, enough: torch.Tensor | None = None) -> torch.Tensor | None:
         """The non-finite policy, then the one in-place update (:func:`bnkit.stats.running.commit`).
         ``checked``: the tensors whose finiteness decides (the batch statistics or the new values)."""
         keep = None if self.nonfinite == "propagate" else finite(*checked)
@@ -440,6 +441,7 @@ class BatchNormBase(_TorchBatchNorm):
             self._nonfinite_skipped = skipped
         commit(running_mean, buffers["running_var"], buffers.get("num_batches_tracked"), new_mean, new_var, keep,
                skipped)
+        return keep
 
     def _call_moments_hooks(self, moments: Moments) -> None:
         for hook in list(self._moments_hooks.values()):

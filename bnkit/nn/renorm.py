@@ -18,7 +18,6 @@ import numbers
 import torch
 
 from ..stats import Moments, batch_moments, update_running_stats
-from ..stats.running import finite
 from ..validation import check_batch_size
 from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormBase
 
@@ -152,8 +151,7 @@ class BatchRenormBase(BatchNormBase):
         if self._moments_hooks:
             self._call_moments_hooks(Moments(torch.full_like(mean, float(n)), mean.detach(), (var * n).detach()))
         if update:
-            self._update_running(mean, var, n)
-            keep = None if self.nonfinite == "propagate" else finite(mean, var)
+            keep = self._update_running(mean, var, n)  # the same decision for the renorm statistics
             update_running_stats(self.renorm_mean, self.renorm_std, mean, std, self.renorm_momentum, keep)
         # (x - mu_B) / sigma_B * r + d  ==  (x - m) / sqrt(v + eps)  with  m = mu_B - d sigma_B / r,
         # sqrt(v + eps) = sigma_B / r: the shared kernel normalizes, autograd sees r and d as constants.
