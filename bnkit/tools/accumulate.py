@@ -24,7 +24,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from ..functional import batch_statistics_update
 from ..nn.batchnorm import BatchNormBase
 from ..stats import Moments
-from .freezing import batch_norm_layers
+from .freezing import batch_norm_layers, stats_frozen_mode
 
 __all__ = ["accumulate"]
 
@@ -77,10 +77,8 @@ def _torch_hooks(layer: _BatchNorm, acc: _Accumulator) -> list:
 
 
 def _live(layer: _BatchNorm) -> bool:
-    if isinstance(layer, BatchNormBase):
-        return layer.stats_frozen is None and layer.running_mean is not None
-    return layer.track_running_stats and layer.running_mean is not None and \
-        getattr(layer, "_bnkit_stats_frozen", None) is None
+    """The layer would update its running statistics in training (not frozen, tracked, buffers present)."""
+    return stats_frozen_mode(layer) is None and layer.track_running_stats and layer.running_mean is not None
 
 
 @contextlib.contextmanager
