@@ -23,7 +23,7 @@ from ..ops.backend import get_backend, kernels_for
 from ..stats import Moments, accumulation_dtype, batch_moments, masked_moments
 from ..stats import example_weighted_moments
 from ..stats import momentum as momentum_lib
-from ..stats.running import candidates, commit, enough_values, finite, stored_variance
+from ..stats.running import candidates, commit, enough_values, nonfinite_flag, stored_variance
 from ..validation import (NONFINITE_POLICIES, SINGLE_SAMPLE_POLICIES, VARIANCE_KINDS, channel_back, channel_first,
                           check_batch_size, check_choice, check_eps, check_input, check_mask, mask_from_lengths,
                           nonfinite_message)
@@ -148,7 +148,7 @@ class BatchNormBase(_TorchBatchNorm):
         self.last_train_batch_size = None  # for example_weight="auto"
         # Batches whose running update the on-device guard skipped since the last report. A plain tensor
         # attribute, not a buffer: parameters, buffers and state_dict stay exactly torch.nn's.
-        self._nonfinite_skipped = torch.zeros((), dtype=torch.long, device=device)
+        self._nonfinite_skipped = _skip_counter(device)
         self._moments_hooks: OrderedDict = OrderedDict()
         _register_state_dict_post_hook(self, _record_conventions)
 
@@ -160,7 +160,7 @@ class BatchNormBase(_TorchBatchNorm):
         size = state.pop("virtual_batch_size", None)
         state.pop("stats_sink", None)  # replaced by register_moments_hook
         state.setdefault("_moments_hooks", OrderedDict())
-        state.setdefault("_nonfinite_skipped", torch.zeros((), dtype=torch.long))  # moved on the first update
+        state["_nonfinite_skipped"] = _skip_counter(None, state.get("_nonfinite_skipped"))  # moved on the first update
         super().__setstate__(state)
         if size is not None and type(self)._batch_statistics is BatchNormBase._batch_statistics:
             from . import ghost  # ghost imports this module
@@ -333,19 +333,19 @@ class BatchNormBase(_TorchBatchNorm):
         running_mean, running_var = buffers["running_mean"], buffers["running_var"]
         ema_in_kernel = isinstance(momentum, float)
         if ema_in_kernel:  # torch's own EMA, bit for bit
-            scratch = torch.stack((running_mean, running_var))
+            new_mean, new_var = running_mean.clone(), running_var.clone()
         else:  # momentum 1 leaves the batch's (mean, unbiased var) in the scratch
-            scratch = running_mean.new_zeros((2,) + running_mean.shape)
-        new_mean, new_var = scratch.unbind()
+            new_mean, new_var = torch.zeros_like(running_mean), torch.zeros_like(running_var)
         if shift is not None and ema_in_kernel:  # the kernel sees x - shift: its running mean too
-            new_mean.sub_(shift.to(scratch.dtype))
+            new_mean.sub_(shift.to(new_mean.dtype))
         y = self._aten(x, new_mean, new_var, True, momentum if ema_in_kernel else 1.0)
+        checked = (new_mean, new_var)
         if shift is not None:
             new_mean = new_mean + shift.to(new_mean.dtype)
         if not ema_in_kernel:
             new_mean, new_var = candidates(running_mean, running_var, buffers.get("num_batches_tracked"),
                                            new_mean, new_var, momentum)
-        self._commit(new_mean, new_var, (scratch,))
+        self._commit(new_mean, new_var, checked)
         return y
 
     def _composed_train(self, x: torch.Tensor, mask, update: bool) -> torch.Tensor:
@@ -424,23 +424,25 @@ class BatchNormBase(_TorchBatchNorm):
     def _commit(self, new_mean, new_var, checked: tuple, enough: torch.Tensor | None = None) -> torch.Tensor | None:
         """The non-finite policy, then the one in-place update (:func:`bnkit.stats.running.commit`).
         ``checked``: the tensors whose finiteness decides (the batch statistics or the new values)."""
-        keep = None if self.nonfinite == "propagate" else finite(*checked)
+        keep = skip = None
+        if self.nonfinite != "propagate":
+            skip = nonfinite_flag(*checked)
+            keep = skip.logical_not()
         if self.nonfinite == "raise" and not bool(keep):  # the one policy that reads the host, by design
             rows = torch.stack([t.reshape(-1, self.num_features) for t in checked]).reshape(-1, self.num_features)
             bad = (~torch.isfinite(rows)).any(0).nonzero().flatten().tolist()
             raise FloatingPointError(nonfinite_message(self.layer_name, bad) + "the running statistics were left "
                                      "unchanged (nonfinite='raise').")
         if enough is not None:
-            keep = enough if keep is None else keep & enough
+            keep, skip = (enough if keep is None else keep & enough), None
         buffers = self._buffers
         running_mean = buffers["running_mean"]
         skipped = self._nonfinite_skipped
         if skipped.device != running_mean.device and keep is not None:  # moved: .to() moves buffers only
-            device = running_mean.device
-            skipped = torch.zeros((), dtype=torch.long, device=device) if skipped.is_meta else skipped.to(device)
+            skipped = _skip_counter(running_mean.device, None if skipped.is_meta else skipped)
             self._nonfinite_skipped = skipped
         commit(running_mean, buffers["running_var"], buffers.get("num_batches_tracked"), new_mean, new_var, keep,
-               skipped)
+               skipped, skip)
         return keep
 
     def _call_moments_hooks(self, moments: Moments) -> None:
@@ -562,6 +564,15 @@ def nonfinite_report(model: torch.nn.Module, reset: bool = True) -> dict:
             if count:
                 report[name] = count
     return report
+
+
+def _skip_counter(device, count: torch.Tensor | None = None) -> torch.Tensor:
+    """The skipped-batch counter: float32 (exact to 2**24 batches) so the guard's float flag adds to
+    it in one dispatch; ``count``, an earlier counter (other device, or a long one from an older
+    pickle), carries over."""
+    if count is None:
+        return torch.zeros((), dtype=torch.float32, device=device)
+    return count.to(device=device if device is not None else count.device, dtype=torch.float32)
 
 
 def _cpu_kernels_forced() -> bool:

@@ -31,7 +31,7 @@ __all__ = ["BACKENDS", "set_backend", "get_backend", "kernels_for", "auto_uses_k
 
 BACKENDS = ("auto", "torch", "triton")
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_state: dict = {"backend": None, "ops": None, "import_error": None}
+_state: dict = {"backend": None, "env": None, "ops": None, "import_error": None}
 
 
 def set_backend(name: str | None) -> None:
@@ -39,16 +39,20 @@ def set_backend(name: str | None) -> None:
     if name is not None and name not in BACKENDS:
         raise ValueError(f"bnkit.set_backend: expected one of {BACKENDS} or None, got {name!r}")
     _state["backend"] = name
+    _state["env"] = None
 
 
 def get_backend() -> str:
-    """The backend in force: the one set in code, else ``BNKIT_BACKEND``, else ``"auto"``."""
+    """The backend in force: the one set in code, else ``BNKIT_BACKEND`` (read when first needed and
+    again after ``set_backend(None)``: layers ask on every call), else ``"auto"``."""
     if _state["backend"] is not None:
         return _state["backend"]
-    name = os.environ.get("BNKIT_BACKEND", "auto").strip().lower() or "auto"
-    if name not in BACKENDS:
-        raise ValueError(f"environment variable BNKIT_BACKEND={name!r}: expected one of {BACKENDS}")
-    return name
+    if _state["env"] is None:
+        name = os.environ.get("BNKIT_BACKEND", "auto").strip().lower() or "auto"
+        if name not in BACKENDS:
+            raise ValueError(f"environment variable BNKIT_BACKEND={name!r}: expected one of {BACKENDS}")
+        _state["env"] = name
+    return _state["env"]
 
 
 def _triton_ops():

@@ -18,16 +18,46 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["ema", "finite", "stored_variance", "enough_values", "candidates", "commit", "updated", "RunningStats",
+__all__ = ["ema", "nonfinite_flag", "finite", "stored_variance", "enough_values", "candidates", "commit", "updated", "RunningStats",
            "update_running_stats"]
+
+
+def nonfinite_flag(*tensors: torch.Tensor) -> torch.Tensor:
+    """0-d float32 tensor: 1.0 when some element of the tensors is NaN/Inf, else 0.0 (no host read).
+
+    One fused check (the op ``torch.amp.GradScaler`` uses to find inf/NaN gradients: it sets the flag
+    and multiplies by 1.0, which changes nothing) instead of ``isfinite(t).all()`` per tensor, five
+    dispatches each. The plain ``isfinite`` form under torch.compile (which fuses it), under
+    ``torch.func`` transforms (no batching rule for the fused op), on devices other than CPU and
+    CUDA, and while a CUDA graph captures the first call on a device."""
+    one = _ONE.get(tensors[0].device)
+    if one is None:
+        one = _one(tensors[0].device)
+    if one is None or torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        keep = torch.isfinite(tensors[0]).all()
+        for t in tensors[1:]:
+            keep = keep & torch.isfinite(t).all()
+        return keep.logical_not().to(torch.float32)
+    flag = torch.zeros_like(one)
+    torch._amp_foreach_non_finite_check_and_unscale_(list(tensors), flag, one)
+    return flag
 
 
 def finite(*tensors: torch.Tensor) -> torch.Tensor:
     """0-d bool tensor: every element of every tensor is finite (no host read)."""
-    keep = torch.isfinite(tensors[0]).all()
-    for t in tensors[1:]:
-        keep = keep & torch.isfinite(t).all()
-    return keep
+    return nonfinite_flag(*tensors).logical_not()
+
+
+_ONE: dict = {}
+
+
+def _one(device: torch.device) -> torch.Tensor | None:
+    """The cached float32 1.0 on ``device`` (the check's unscale factor); None while a CUDA graph is
+    capturing (a new tensor would be filled only at replay), and on devices without the fused check."""
+    if device.type not in ("cpu", "cuda", "meta") or torch.compiler.is_compiling() or (
+            device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        return None
+    return _ONE.setdefault(device, torch.ones((), dtype=torch.float32, device=device))
 
 
 def stored_variance(var: torch.Tensor, n, unbiased: bool) -> torch.Tensor:
@@ -92,11 +122,14 @@ def updated(running_mean, running_var, num_batches_tracked, mean, var, momentum,
     return RunningStats(new_mean, new_var, count)
 
 
-@torch.no_grad()
 def commit(running_mean: torch.Tensor, running_var: torch.Tensor, num_batches_tracked, new_mean: torch.Tensor,
-           new_var: torch.Tensor, keep: torch.Tensor | None, skipped: torch.Tensor | None = None) -> None:
+           new_var: torch.Tensor, keep: torch.Tensor | None, skipped: torch.Tensor | None = None,
+           skip: torch.Tensor | None = None) -> None:
     """In place, the one place buffers change: take ``(new_mean, new_var)`` where ``keep`` (all when None),
-    count the kept batch in ``num_batches_tracked`` and a skipped one in ``skipped``."""
+    count the kept batch in ``num_batches_tracked`` and a skipped one in ``skipped``. ``skip``: ``~keep``
+    as the float flag of :func:`nonfinite_flag`, when the caller has it (spares a dispatch; ``skipped``
+    is then a float counter). The new values must not require grad (callers detach): no ``no_grad``
+    context here, it costs as much as a dispatch."""
     if keep is None:
         running_mean.copy_(new_mean)
         running_var.copy_(new_var)
@@ -108,7 +141,7 @@ def commit(running_mean: torch.Tensor, running_var: torch.Tensor, num_batches_tr
     if num_batches_tracked is not None:
         num_batches_tracked.add_(keep)
     if skipped is not None:
-        skipped.add_(~keep)
+        skipped.add_(~keep if skip is None else skip)
 
 
 @torch.no_grad()

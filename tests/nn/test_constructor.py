@@ -237,3 +237,14 @@ def test_whole_model_pickles_from_before_the_core_rebuild_still_run():
     x = torch.randn(4, 3, 2, 2)
     torch.testing.assert_close(old(x), torch.nn.BatchNorm2d(3)(x))
     assert old.num_batches_tracked.item() == 1 and not hasattr(old, "stats_sink")
+
+
+def test_pickles_with_a_long_skip_counter_keep_counting():
+    """The skip counter was a long tensor before it became float32 (one dispatch per guarded update)."""
+    fresh = bnkit.BatchNorm2d(3)
+    state = dict(fresh.__dict__, _nonfinite_skipped=torch.tensor(2))
+    old = bnkit.BatchNorm2d.__new__(bnkit.BatchNorm2d)
+    old.__setstate__(state)
+    old(torch.full((4, 3, 2, 2), float("nan")))
+    with pytest.warns(RuntimeWarning, match="3 training batch"):
+        assert old.report_nonfinite() == 3

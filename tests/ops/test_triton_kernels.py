@@ -297,6 +297,8 @@ def test_backend_selection(interpreter, monkeypatch):
     monkeypatch.setenv("BNKIT_BACKEND", "torch")
     assert bnkit.get_backend() == "torch"
     monkeypatch.setenv("BNKIT_BACKEND", "cuda")
+    assert bnkit.get_backend() == "torch"  # read once; set_backend(None) reads it again
+    bnkit.set_backend(None)
     with pytest.raises(ValueError, match="BNKIT_BACKEND='cuda'"):
         bnkit.get_backend()
     with pytest.raises(ValueError, match="set_backend"):
