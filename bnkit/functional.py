@@ -107,10 +107,10 @@ def _write(new: RunningStats, running_mean, running_var, num_batches_tracked) ->
 
 
 def _forward_core(name: str, x: torch.Tensor, weight, bias, running_mean, running_var, num_batches_tracked, *,
-                 use_batch_stats: bool, update: bool, momentum, eps: float, activation: str = "identity",
-                 negative_slope: float = 0.01, nonfinite: str = "skip", variance: str = "unbiased",
-                 mask: torch.Tensor | None = None, single_sample: str = "raise",
-                 example_weight: float | None = None) -> tuple[torch.Tensor, RunningStats | None, object]:
+                  use_batch_stats: bool, update: bool, momentum, eps: float, activation: str = "identity",
+                  negative_slope: float = 0.01, nonfinite: str = "skip", variance: str = "unbiased",
+                  mask: torch.Tensor | None = None, single_sample: str = "raise",
+                  example_weight: float | None = None) -> tuple[torch.Tensor, RunningStats | None, object]:
     """Composed-op batch norm of a checked channel-first ``(N, C, *)`` tensor, out of place.
 
     Returns ``(y, new_running_stats, report)``: the statistics are ``None`` when they do not change;
