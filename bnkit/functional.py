@@ -1,12 +1,15 @@
 """Functional batch norm: ``batch_norm`` (torch's signature, buffers updated in place) and
 ``batch_norm_stateless`` (``(y, new_stats)``, for ``torch.func`` and JAX-style code).
 
-Both run :func:`forward_core`, composed differentiable torch ops over the same pieces the layers
-use (``bnkit.stats`` moments and the one running-statistics rule in ``bnkit.stats.running``).
+Both run one core of composed differentiable torch ops over the same pieces the layers use
+(``bnkit.stats`` moments and the one running-statistics rule in ``bnkit.stats.running``).
 Extras over torch, all keyword-only:
 
 * ``momentum=None`` means the cumulative average and needs ``num_batches_tracked``.
-* ``activation`` / ``negative_slope``: an activation applied after the affine.
+* ``activation``: applied after the affine, taken as the layers take it: ``None``/``"identity"``,
+  ``"relu"``, ``"leaky_relu"`` (slope 0.01), ``"silu"``, or the module ``nn.Identity()``,
+  ``nn.ReLU()``, ``nn.LeakyReLU(slope)`` or ``nn.SiLU()``. The old ``negative_slope=s`` keyword
+  raises a TypeError that says to write ``activation=torch.nn.LeakyReLU(s)``.
 * ``nonfinite``: what a batch with NaN/Inf statistics does to the running statistics:
   ``"skip"`` (default; keep the old values), ``"raise"`` (error, buffers unchanged) or
   ``"propagate"`` (torch's behaviour: the running statistics become NaN). The output always shows
@@ -33,15 +36,18 @@ from typing import Mapping
 
 import torch
 
-from .ops import check_activation, normalize, normalize_running
+from .ops import normalize, normalize_running, resolve_activation
 from .stats import accumulation_dtype, batch_moments, example_weighted_moments, masked_moments
 from .stats.running import RunningStats, enough_values, finite, stored_variance, updated
 from .validation import (NONFINITE_POLICIES, SINGLE_SAMPLE_POLICIES, VARIANCE_KINDS, channel_back, channel_first,
                          check_batch_size, check_choice, check_eps, check_input, check_mask, check_momentum,
-                         mask_from_lengths, nonfinite_message)
+                         mask_from_lengths, nonfinite_message, refuse_removed)
 
-__all__ = ["batch_norm", "batch_norm_stateless", "forward_core", "batch_statistics_update", "mask_from_lengths",
-           "NONFINITE_POLICIES", "SINGLE_SAMPLE_POLICIES", "VARIANCE_KINDS"]
+__all__ = ["batch_norm", "batch_norm_stateless", "mask_from_lengths", "NONFINITE_POLICIES", "SINGLE_SAMPLE_POLICIES",
+           "VARIANCE_KINDS"]
+
+# The keywords the functional form took before activation modules (the rest of the layers' list never applied).
+_REMOVED = ("negative_slope",)
 
 
 def _keep(mean, var, n, nonfinite: str):
@@ -70,16 +76,27 @@ def _report(name: str, mean, var, keep, nonfinite: str) -> None:
                   "(nonfinite='skip'). Check the input and the learning rate.", RuntimeWarning, stacklevel=4)
 
 
-def batch_statistics_update(name: str, mean: torch.Tensor, var: torch.Tensor, n, running_mean, running_var,
-                            momentum, num_batches_tracked, nonfinite: str = "skip",
-                            variance: str = "unbiased") -> None:
-    """In place: fold one batch's ``(mean, biased var)`` over ``n`` values into the buffers, reporting
-    a skipped batch at once (``n=None``: ``var`` is already the estimate to store)."""
+def _updated(name: str, mean: torch.Tensor, var: torch.Tensor, n, running_mean, running_var, num_batches_tracked,
+             momentum, nonfinite: str, variance: str) -> tuple[RunningStats, object]:
+    """``(new_running_stats, report)``: one batch's ``(mean, biased var)`` over ``n`` values folded into
+    the running statistics out of place (``n=None``: ``var`` is already the estimate to store);
+    ``report()`` tells the caller about a skipped batch (it reads the host)."""
     mean, var = mean.detach(), var.detach()
     keep = _keep(mean, var, n, nonfinite)
-    _report(name, mean, var, keep, nonfinite)
-    _write(updated(running_mean, running_var, num_batches_tracked, mean, stored_variance(var, n, variance == "unbiased"), momentum,
-                   keep), running_mean, running_var, num_batches_tracked)
+    new = updated(running_mean, running_var, num_batches_tracked, mean, stored_variance(var, n, variance == "unbiased"),
+                  momentum, keep)
+    return new, lambda: _report(name, mean, var, keep, nonfinite)
+
+
+def _batch_statistics_update(name: str, mean: torch.Tensor, var: torch.Tensor, n, running_mean, running_var,
+                             momentum, num_batches_tracked, nonfinite: str = "skip",
+                             variance: str = "unbiased") -> None:
+    """In place, for a torch.nn layer's buffers (``bnkit.accumulate``): :func:`_updated`, a skipped batch
+    reported at once."""
+    new, report = _updated(name, mean, var, n, running_mean, running_var, num_batches_tracked, momentum, nonfinite,
+                           variance)
+    report()
+    _write(new, running_mean, running_var, num_batches_tracked)
 
 
 @torch.no_grad()
@@ -89,11 +106,11 @@ def _write(new: RunningStats, running_mean, running_var, num_batches_tracked) ->
             buf.copy_(value)
 
 
-def forward_core(name: str, x: torch.Tensor, weight, bias, running_mean, running_var, num_batches_tracked, *,
-                 use_batch_stats: bool, update: bool, momentum, eps: float, activation: str = "identity",
-                 negative_slope: float = 0.01, nonfinite: str = "skip", variance: str = "unbiased",
-                 mask: torch.Tensor | None = None, single_sample: str = "raise",
-                 example_weight: float | None = None) -> tuple[torch.Tensor, RunningStats | None, object]:
+def _forward_core(name: str, x: torch.Tensor, weight, bias, running_mean, running_var, num_batches_tracked, *,
+                  use_batch_stats: bool, update: bool, momentum, eps: float, activation: str = "identity",
+                  negative_slope: float = 0.01, nonfinite: str = "skip", variance: str = "unbiased",
+                  mask: torch.Tensor | None = None, single_sample: str = "raise",
+                  example_weight: float | None = None) -> tuple[torch.Tensor, RunningStats | None, object]:
     """Composed-op batch norm of a checked channel-first ``(N, C, *)`` tensor, out of place.
 
     Returns ``(y, new_running_stats, report)``: the statistics are ``None`` when they do not change;
@@ -123,11 +140,8 @@ def forward_core(name: str, x: torch.Tensor, weight, bias, running_mean, running
             mean, var = batch_moments(x)
         new = report = None
         if update:
-            m, v = mean.detach(), var.detach()
-            keep = _keep(m, v, n, nonfinite)
-            new = updated(running_mean, running_var, num_batches_tracked, m, stored_variance(v, n, variance == "unbiased"), momentum,
-                          keep)
-            report = lambda: _report(name, m, v, keep, nonfinite)  # noqa: E731
+            new, report = _updated(name, mean, var, n, running_mean, running_var, num_batches_tracked, momentum,
+                                   nonfinite, variance)
     y = normalize(x, mean, var, weight, bias, eps, activation, negative_slope)
     if mask is not None:
         y = torch.where(mask.unsqueeze(1), y, x)
@@ -147,11 +161,10 @@ def _prepare(name: str, input, axis, weight, bias, running_mean, running_var, ma
 def batch_norm(input: torch.Tensor, running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
                weight: torch.Tensor | None = None, bias: torch.Tensor | None = None, training: bool = False,
                momentum: float | None = 0.1, eps: float = 1e-5, *,
-               num_batches_tracked: torch.Tensor | None = None, activation: str | None = None,
-               negative_slope: float = 0.01, nonfinite: str = "skip", axis: int = 1,
-               mask: torch.Tensor | None = None, single_sample: str = "raise",
-               example_weight: float | None = None, variance: str = "unbiased",
-               name: str = "batch_norm") -> torch.Tensor:
+               num_batches_tracked: torch.Tensor | None = None, activation=None, nonfinite: str = "skip",
+               axis: int = 1, mask: torch.Tensor | None = None, single_sample: str = "raise",
+               example_weight: float | None = None, variance: str = "unbiased", name: str = "batch_norm",
+               **removed) -> torch.Tensor:
     """Batch normalization of an ``(N, C, *)`` tensor over every dimension but the channel one.
 
     ``y = act((x - mean) / sqrt(var + eps) * weight + bias)``. With ``training=True`` (or no running
@@ -162,18 +175,20 @@ def batch_norm(input: torch.Tensor, running_mean: torch.Tensor | None, running_v
     >>> batch_norm(x, None, None, training=True).flatten().tolist()  # doctest: +ELLIPSIS
     [0.5773..., 0.5773..., -1.7320..., 0.5773...]
     """
-    activation = check_activation(name, activation)
+    if removed:
+        refuse_removed(name, removed, _REMOVED)
+    activation, negative_slope = resolve_activation(name, activation)
     check_choice(name, "nonfinite", nonfinite, NONFINITE_POLICIES)
     check_choice(name, "single_sample", single_sample, SINGLE_SAMPLE_POLICIES)
     check_choice(name, "variance", variance, VARIANCE_KINDS)
     x, mask = _prepare(name, input, axis, weight, bias, running_mean, running_var, mask, momentum)
     use_batch = training or running_mean is None
     check_eps(name, eps, use_batch)
-    y, new, report = forward_core(name, x, weight, bias, running_mean, running_var, num_batches_tracked,
-                                  use_batch_stats=use_batch, update=training and running_mean is not None,
-                                  momentum=momentum, eps=eps, activation=activation, negative_slope=negative_slope,
-                                  nonfinite=nonfinite, variance=variance, mask=mask, single_sample=single_sample,
-                                  example_weight=example_weight)
+    y, new, report = _forward_core(name, x, weight, bias, running_mean, running_var, num_batches_tracked,
+                                   use_batch_stats=use_batch, update=training and running_mean is not None,
+                                   momentum=momentum, eps=eps, activation=activation, negative_slope=negative_slope,
+                                   nonfinite=nonfinite, variance=variance, mask=mask, single_sample=single_sample,
+                                   example_weight=example_weight)
     if new is not None:
         report()
         _write(new, running_mean, running_var, num_batches_tracked)
@@ -182,9 +197,9 @@ def batch_norm(input: torch.Tensor, running_mean: torch.Tensor | None, running_v
 
 def batch_norm_stateless(x: torch.Tensor, params: Mapping[str, torch.Tensor | None] | None,
                          stats: Mapping[str, torch.Tensor | None] | None, training: bool = True, *,
-                         momentum: float | None = 0.1, eps: float = 1e-5, activation: str | None = None,
-                         negative_slope: float = 0.01, axis: int = 1, mask: torch.Tensor | None = None,
-                         variance: str = "unbiased", name: str = "batch_norm_stateless"):
+                         momentum: float | None = 0.1, eps: float = 1e-5, activation=None, axis: int = 1,
+                         mask: torch.Tensor | None = None, variance: str = "unbiased",
+                         name: str = "batch_norm_stateless", **removed):
     """``y, new_stats = batch_norm_stateless(x, params, stats, training)``: no buffer is modified.
 
     ``params``: ``{"weight": ..., "bias": ...}`` (either may be missing/None). ``stats``:
@@ -198,17 +213,19 @@ def batch_norm_stateless(x: torch.Tensor, params: Mapping[str, torch.Tensor | No
     >>> y.flatten().tolist(), new["running_mean"].tolist(), new["running_var"].tolist()  # doctest: +ELLIPSIS
     ([-0.99999..., 0.99999...], [0.2...], [1.1...])
     """
+    if removed:
+        refuse_removed(name, removed, _REMOVED)
     params, stats = dict(params or {}), dict(stats or {})
-    activation = check_activation(name, activation)
+    activation, negative_slope = resolve_activation(name, activation)
     check_choice(name, "variance", variance, VARIANCE_KINDS)
     rm, rv, nbt = stats.get("running_mean"), stats.get("running_var"), stats.get("num_batches_tracked")
     xc, mask = _prepare(name, x, axis, params.get("weight"), params.get("bias"), rm, rv, mask, momentum)
     use_batch = training or rm is None
     check_eps(name, eps, use_batch)
-    y, new, _ = forward_core(name, xc, params.get("weight"), params.get("bias"), rm, rv, nbt,
-                             use_batch_stats=use_batch, update=training and rm is not None, momentum=momentum,
-                             eps=eps, activation=activation, negative_slope=negative_slope, variance=variance,
-                             mask=mask)
+    y, new, _ = _forward_core(name, xc, params.get("weight"), params.get("bias"), rm, rv, nbt,
+                              use_batch_stats=use_batch, update=training and rm is not None, momentum=momentum,
+                              eps=eps, activation=activation, negative_slope=negative_slope, variance=variance,
+                              mask=mask)
     y = channel_back(y, axis)
     if new is None:
         return y, stats

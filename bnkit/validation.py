@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 
 __all__ = ["check_input", "check_batch_size", "check_choice", "check_eps", "check_momentum", "check_mask",
-           "mask_from_lengths", "channel_first", "channel_back", "nonfinite_message", "SINGLE_VALUE_FIXES",
-           "NONFINITE_POLICIES", "SINGLE_SAMPLE_POLICIES", "VARIANCE_KINDS"]
+           "mask_from_lengths", "channel_first", "channel_back", "nonfinite_message", "refuse_removed",
+           "SINGLE_VALUE_FIXES", "NONFINITE_POLICIES", "SINGLE_SAMPLE_POLICIES", "VARIANCE_KINDS", "REMOVED_KEYWORDS"]
 
 NONFINITE_POLICIES = ("skip", "raise", "propagate")
 SINGLE_SAMPLE_POLICIES = ("raise", "use_running", "skip_update")
@@ -48,6 +48,29 @@ def check_momentum(name: str, momentum) -> None:
     if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 <= momentum <= 1.0:
         raise ValueError(f"{name}: momentum must be a number in [0, 1] (weight of the new batch) or None "
                          f"(cumulative average), got {momentum!r}")
+
+
+# The keywords the layers (and, for negative_slope, the functional form) took before one value per
+# concept (bnkit 0.1), and how to write them now.
+REMOVED_KEYWORDS = {
+    "decay": lambda v: f"momentum=bnkit.momentum.Decay({v!r})",
+    "half_life": lambda v: f"momentum=bnkit.momentum.HalfLife({v!r})",
+    "momentum_schedule": lambda v: (f"momentum=bnkit.momentum.Schedule({v!r}, total_steps=..., start=...)"
+                                    if isinstance(v, str) else "momentum=<the callable>"),
+    "total_steps": lambda v: f"momentum=bnkit.momentum.Schedule(..., total_steps={v!r})",
+    "negative_slope": lambda v: f"activation=torch.nn.LeakyReLU({v!r})",
+    "virtual_batch_size": lambda v: f"bnkit.GhostBatchNorm1d/2d/3d(C, virtual_batch_size={v!r}, ...)",
+    "memory_efficient": lambda v: f"layer.memory_efficient = {v!r} after construction",
+}
+
+
+def refuse_removed(name: str, removed: dict, applicable=tuple(REMOVED_KEYWORDS)) -> None:
+    """A TypeError for keyword arguments the caller does not take, giving the new spelling of those in
+    ``applicable`` (the old keywords this caller used to take; others are reported as unexpected)."""
+    unknown = [k for k in removed if k not in applicable]
+    if unknown:
+        raise TypeError(f"{name}: unexpected keyword argument(s) {', '.join(map(repr, unknown))}")
+    raise TypeError(f"{name}: " + "; ".join(f"{k}={v!r} is now {REMOVED_KEYWORDS[k](v)}" for k, v in removed.items()))
 
 
 def nonfinite_message(name: str, bad_channels: list) -> str:

@@ -27,6 +27,7 @@ from ..stats.running import candidates, commit, enough_values, nonfinite_flag, s
 from ..validation import (NONFINITE_POLICIES, SINGLE_SAMPLE_POLICIES, VARIANCE_KINDS, channel_back, channel_first,
                           check_batch_size, check_choice, check_eps, check_input, check_mask, mask_from_lengths,
                           nonfinite_message)
+from ..validation import refuse_removed
 from .tracing import traced_call
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormBase", "STATS_FROZEN_MODES", "nonfinite_report"]
@@ -121,7 +122,7 @@ class BatchNormBase(_TorchBatchNorm):
             raise ValueError(f"{cls}: num_features must be a positive int, got {num_features!r}")
         name = f"{cls}({num_features})"
         if removed:
-            _refuse_removed(name, removed)
+            refuse_removed(name, removed)
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or math.isnan(eps):
             raise TypeError(f"{name}: eps must be a number, got {eps!r}")
         if isinstance(axis, bool) or not isinstance(axis, int):
@@ -609,27 +610,6 @@ def _channels_last_format(x: torch.Tensor):
         return None
     layout = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
     return layout if x.is_contiguous(memory_format=layout) else None
-
-
-# The keywords this constructor took before one value per concept (bnkit 0.1), and how to write them now.
-_REMOVED = {
-    "decay": lambda v: f"momentum=bnkit.momentum.Decay({v!r})",
-    "half_life": lambda v: f"momentum=bnkit.momentum.HalfLife({v!r})",
-    "momentum_schedule": lambda v: (f"momentum=bnkit.momentum.Schedule({v!r}, total_steps=..., start=...)"
-                                    if isinstance(v, str) else "momentum=<the callable>"),
-    "total_steps": lambda v: f"momentum=bnkit.momentum.Schedule(..., total_steps={v!r})",
-    "negative_slope": lambda v: f"activation=torch.nn.LeakyReLU({v!r})",
-    "virtual_batch_size": lambda v: f"bnkit.GhostBatchNorm1d/2d/3d(C, virtual_batch_size={v!r}, ...)",
-    "memory_efficient": lambda v: f"layer.memory_efficient = {v!r} after construction",
-}
-
-
-def _refuse_removed(name: str, removed: dict) -> None:
-    """A TypeError for keywords this constructor does not take, with the new spelling of old ones."""
-    unknown = [k for k in removed if k not in _REMOVED]
-    if unknown:
-        raise TypeError(f"{name}: unexpected keyword argument(s) {', '.join(map(repr, unknown))}")
-    raise TypeError(f"{name}: " + "; ".join(f"{k}={v!r} is now {_REMOVED[k](v)}" for k, v in removed.items()))
 
 
 _METADATA_KEY = "bnkit_conventions"

@@ -18,6 +18,7 @@ import numbers
 import torch
 
 from ..stats import Moments, batch_moments, update_running_stats
+from ..stats.ramp import progress
 from ..validation import check_batch_size
 from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormBase
 
@@ -39,11 +40,7 @@ class LinearRamp:
 
     def __call__(self, step):
         """``step`` is an int, or a tensor (then the value is a tensor: layers evaluate ramps on the device)."""
-        if isinstance(step, torch.Tensor):
-            t = torch.clamp((step - self.hold) / self.steps, 0.0, 1.0)
-        else:
-            t = min(max(step - self.hold, 0) / self.steps, 1.0)
-        return self.start + (self.end - self.start) * t
+        return self.start + (self.end - self.start) * progress(step, self.steps, self.hold)
 
     def __repr__(self) -> str:
         return f"LinearRamp({self.start}, {self.end}, steps={self.steps}, hold={self.hold})"

@@ -34,7 +34,7 @@ import math
 import warnings
 from dataclasses import dataclass
 
-import torch
+from .ramp import clamp, progress
 
 __all__ = ["convert", "resolve", "describe", "check_value", "Decay", "HalfLife", "Schedule",
            "KERAS_LOOKALIKE_THRESHOLD"]
@@ -196,16 +196,6 @@ def check_value(layer: str, value, step: int) -> float:
     return float(value)
 
 
-def _clip(v, lo, hi):
-    if isinstance(v, torch.Tensor):
-        return v.clamp(lo, hi)
-    return max(v, lo) if hi is None else min(max(v, lo), hi)
-
-
-def _cos(v):
-    return torch.cos(v) if isinstance(v, torch.Tensor) else math.cos(v)
-
-
 @dataclass(frozen=True)
 class Schedule:
     """A momentum schedule: ``schedule(step) -> torch momentum`` for update step ``step`` (1-based).
@@ -236,16 +226,14 @@ class Schedule:
         object.__setattr__(self, "start", _checked(label, self.start, "momentum"))
 
     def ramp(self, step):
-        if self.kind == "constant":
-            return 0.0
-        t = _clip(step / self.total_steps, 0.0, 1.0)
-        return t if self.kind == "linear" else 0.5 - 0.5 * _cos(math.pi * t)
+        """``a(step)``, the weight of the cumulative average in the momentum (0 for ``constant``)."""
+        return 0.0 if self.kind == "constant" else progress(step, self.total_steps, shape=self.kind)
 
     def __call__(self, step):
         """``step`` is an int, or a tensor (then the result is a tensor on its device: layers pass
         ``num_batches_tracked + 1`` as a float tensor, so no host sync happens, eager or compiled)."""
         a = self.ramp(step)
-        return (1.0 - a) * self.start + a / _clip(step, 1, None)
+        return (1.0 - a) * self.start + a / clamp(step, 1)
 
     def __repr__(self) -> str:
         extra = "" if self.kind == "constant" else f", total_steps={self.total_steps}"
