@@ -333,16 +333,18 @@ class BatchNormBase(_TorchBatchNorm):
         buffers = self._buffers
         running_mean, running_var = buffers["running_mean"], buffers["running_var"]
         ema_in_kernel = isinstance(momentum, float)
-        if ema_in_kernel:  # torch's own EMA, bit for bit
-            new_mean, new_var = running_mean.clone(), running_var.clone()
-        else:  # momentum 1 leaves the batch's (mean, unbiased var) in the scratch
+        if shift is not None and shift.dtype != running_mean.dtype:
+            shift = shift.to(running_mean.dtype)
+        if not ema_in_kernel:  # momentum 1 leaves the batch's (mean, unbiased var) in the scratch
             new_mean, new_var = torch.zeros_like(running_mean), torch.zeros_like(running_var)
-        if shift is not None and ema_in_kernel:  # the kernel sees x - shift: its running mean too
-            new_mean.sub_(shift.to(new_mean.dtype))
+        elif shift is None:  # torch's own EMA, bit for bit
+            new_mean, new_var = running_mean.clone(), running_var.clone()
+        else:  # the kernel sees x - shift: its running mean too
+            new_mean, new_var = running_mean - shift, running_var.clone()
         y = self._aten(x, new_mean, new_var, True, momentum if ema_in_kernel else 1.0)
         checked = (new_mean, new_var)
         if shift is not None:
-            new_mean = new_mean + shift.to(new_mean.dtype)
+            new_mean = new_mean + shift
         if not ema_in_kernel:
             new_mean, new_var = candidates(running_mean, running_var, buffers.get("num_batches_tracked"),
                                            new_mean, new_var, momentum)
