@@ -18,7 +18,7 @@ from torch import nn
 
 from ..ops import apply_activation, eval_scale_shift, resolve_activation
 from ..stats import accumulation_dtype
-from ..validation import check_input
+from ..validation import check_input, refuse_removed
 from .tracing import traced_call
 
 __all__ = ["FrozenBatchNorm", "FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d"]
@@ -43,10 +43,13 @@ class FrozenBatchNorm(nn.Module):
     _expected_dims: tuple[int, ...] = ()
     _dims_doc = "(N, C, *)"
 
-    def __init__(self, num_features: int, eps: float = 1e-5, device=None, dtype=None, *, activation=None):
+    def __init__(self, num_features: int, eps: float = 1e-5, device=None, dtype=None, *, activation=None,
+                 **removed):
         super().__init__()
         if not isinstance(num_features, int) or num_features < 1:
             raise ValueError(f"{type(self).__name__}: num_features must be a positive int, got {num_features!r}")
+        if removed:  # negative_slope= was a keyword before activation modules
+            refuse_removed(f"{type(self).__name__}({num_features})", removed, ("negative_slope",))
         # torchvision's FrozenBatchNorm2d takes any eps; a negative (or NaN) one gives NaN outputs for
         # channels with running_var < -eps, so it is refused as bnkit.BatchNorm2d refuses it.
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:

@@ -189,3 +189,11 @@ def test_frozen_takes_activation_modules_and_freeze_keeps_the_slope():
     torch.testing.assert_close(direct(x), ref)
     with pytest.raises(ValueError, match=r"FrozenBatchNorm2d\(3\): activation .* cannot be fused"):
         bnkit.FrozenBatchNorm2d(3, activation=torch.nn.GELU())
+
+
+def test_frozen_layers_refuse_the_old_slope_keyword_with_the_new_spelling():
+    with pytest.raises(TypeError, match=r"FrozenBatchNorm2d\(3\): negative_slope=0.2 is now "
+                                        r"activation=torch.nn.LeakyReLU\(0.2\)"):
+        bnkit.FrozenBatchNorm2d(3, negative_slope=0.2)
+    with pytest.raises(TypeError, match="unexpected keyword argument"):
+        bnkit.FrozenBatchNorm2d(3, momentum=0.1)
