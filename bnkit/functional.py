@@ -37,13 +37,13 @@ from typing import Mapping
 import torch
 
 from .ops import normalize, normalize_running, resolve_activation
-from .stats import accumulation_dtype, batch_moments, example_weighted_moments, masked_moments
+from .stats import Moments, accumulation_dtype, batch_moments, example_weighted_moments, masked_moments
 from .stats.running import RunningStats, enough_values, finite, stored_variance, updated
 from .validation import (NONFINITE_POLICIES, SINGLE_SAMPLE_POLICIES, VARIANCE_KINDS, channel_back, channel_first,
                          check_batch_size, check_choice, check_eps, check_input, check_mask, check_momentum,
                          mask_from_lengths, nonfinite_message, refuse_removed)
 
-__all__ = ["batch_norm", "batch_norm_stateless", "mask_from_lengths", "NONFINITE_POLICIES", "SINGLE_SAMPLE_POLICIES",
+__all__ = ["batch_norm", "batch_norm_stateless", "fold_moments", "mask_from_lengths", "NONFINITE_POLICIES", "SINGLE_SAMPLE_POLICIES",
            "VARIANCE_KINDS"]
 
 # The keywords the functional form took before activation modules (the rest of the layers' list never applied).
@@ -88,13 +88,19 @@ def _updated(name: str, mean: torch.Tensor, var: torch.Tensor, n, running_mean, 
     return new, lambda: _report(name, mean, var, keep, nonfinite)
 
 
-def _batch_statistics_update(name: str, mean: torch.Tensor, var: torch.Tensor, n, running_mean, running_var,
-                             momentum, num_batches_tracked, nonfinite: str = "skip",
-                             variance: str = "unbiased") -> None:
-    """In place, for a torch.nn layer's buffers (``bnkit.accumulate``): :func:`_updated`, a skipped batch
-    reported at once."""
-    new, report = _updated(name, mean, var, n, running_mean, running_var, num_batches_tracked, momentum, nonfinite,
-                           variance)
+def fold_moments(moments: Moments, running_mean: torch.Tensor, running_var: torch.Tensor,
+                 num_batches_tracked: torch.Tensor | None = None, *, momentum: float | None = 0.1,
+                 nonfinite: str = "skip", variance: str = "unbiased", name: str = "fold_moments") -> None:
+    """In place: fold pooled batch moments (:class:`bnkit.stats.Moments`, e.g. several micro-batches
+    merged) into a pair of running-statistics buffers as ONE update, the functional twin of
+    :meth:`bnkit.BatchNorm2d.fold_moments` for buffers that belong to no bnkit layer (a ``torch.nn``
+    layer's). A skipped batch (non-finite, or fewer than 2 values) is reported at once."""
+    check_choice(name, "nonfinite", nonfinite, NONFINITE_POLICIES)
+    check_choice(name, "variance", variance, VARIANCE_KINDS)
+    check_momentum(name, momentum)
+    n = moments.count[0] if moments.count.numel() and moments.count.dim() else moments.count
+    new, report = _updated(name, moments.mean, moments.var(), n, running_mean, running_var, num_batches_tracked,
+                           momentum, nonfinite, variance)
     report()
     _write(new, running_mean, running_var, num_batches_tracked)
 

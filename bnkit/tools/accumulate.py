@@ -21,7 +21,7 @@ import contextlib
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..functional import _batch_statistics_update
+from ..functional import fold_moments
 from ..nn.batchnorm import BatchNormBase
 from ..stats import Moments
 from .freezing import batch_norm_layers, stats_frozen_mode
@@ -53,9 +53,8 @@ class _Accumulator:
         if isinstance(layer, BatchNormBase):
             layer.fold_moments(pooled)
             return
-        n = pooled.count[0] if pooled.count.numel() else 0
-        _batch_statistics_update(type(layer).__name__, pooled.mean, pooled.var(), n, layer.running_mean,
-                                 layer.running_var, layer.momentum, layer.num_batches_tracked)
+        fold_moments(pooled, layer.running_mean, layer.running_var, layer.num_batches_tracked,
+                     momentum=layer.momentum, name=type(layer).__name__)
 
 
 def _torch_hooks(layer: _BatchNorm, acc: _Accumulator) -> list:

@@ -58,3 +58,27 @@ def test_stateless_under_grad_vmap_jacrev():
 def test_stateless_bad_input_gets_the_clear_error():
     with pytest.raises(ValueError, match=r"batch_norm_stateless: expected an input of shape \(N, C, \*\)"):
         batch_norm_stateless(torch.randn(3), None, None)
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_fold_moments_equals_torch_on_the_whole_batch(momentum):
+    """Pooled micro-batch moments folded into plain buffers: what torch.nn does with the whole batch."""
+    from bnkit.functional import fold_moments
+    from bnkit.stats import Moments
+    torch.manual_seed(0)
+    x = torch.randn(12, 3, 4, dtype=torch.float64) * 2 + 5
+    ref = torch.nn.BatchNorm1d(3, momentum=momentum, dtype=torch.float64)
+    ref(x)
+    mean, var, nbt = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64), torch.tensor(0)
+    pooled = Moments.of(x[:5]).merge(Moments.of(x[5:]))
+    fold_moments(pooled, mean, var, nbt, momentum=momentum)
+    torch.testing.assert_close(mean, ref.running_mean, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(var, ref.running_var, rtol=1e-12, atol=1e-12)
+    assert nbt.item() == 1
+    bad = Moments.of(torch.full((4, 3, 2), float("nan"), dtype=torch.float64))
+    with pytest.warns(RuntimeWarning, match="layer7: batch statistics are NaN/Inf"):
+        fold_moments(bad, mean, var, nbt, momentum=momentum, name="layer7")
+    torch.testing.assert_close(mean, ref.running_mean, rtol=1e-12, atol=1e-12)
+    assert nbt.item() == 1
+    with pytest.raises(ValueError, match="layer7.*momentum"):
+        fold_moments(pooled, mean, var, nbt, momentum=-1.0, name="layer7")
