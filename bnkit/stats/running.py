@@ -28,12 +28,14 @@ def nonfinite_flag(*tensors: torch.Tensor) -> torch.Tensor:
     One fused check (the op ``torch.amp.GradScaler`` uses to find inf/NaN gradients: it sets the flag
     and multiplies by 1.0, which changes nothing) instead of ``isfinite(t).all()`` per tensor, five
     dispatches each. The plain ``isfinite`` form under torch.compile (which fuses it), under
-    ``torch.func`` transforms (no batching rule for the fused op), on devices other than CPU and
-    CUDA, and while a CUDA graph captures the first call on a device."""
+    ``torch.func`` transforms (no batching rule for the fused op), for bfloat16 (CUDA's fused op
+    lacks it), on devices other than CPU and CUDA, and while a CUDA graph captures the first call
+    on a device."""
     one = _ONE.get(tensors[0].device)
     if one is None:
         one = _one(tensors[0].device)
-    if one is None or torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+    if one is None or torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active() or any(
+            t.dtype not in _FUSED_DTYPES for t in tensors):
         keep = torch.isfinite(tensors[0]).all()
         for t in tensors[1:]:
             keep = keep & torch.isfinite(t).all()
@@ -49,6 +51,7 @@ def finite(*tensors: torch.Tensor) -> torch.Tensor:
 
 
 _ONE: dict = {}
+_FUSED_DTYPES = (torch.float32, torch.float64, torch.float16)
 
 
 def _one(device: torch.device) -> torch.Tensor | None:
