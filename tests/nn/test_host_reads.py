@@ -163,3 +163,19 @@ def test_default_training_step_is_cuda_graph_capturable(kw):
     assert bn.num_batches_tracked.item() == bn_ref.num_batches_tracked.item() == 5
     torch.testing.assert_close(bn.running_mean, bn_ref.running_mean)
     torch.testing.assert_close(bn.running_var, bn_ref.running_var)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_the_guard_runs_in_every_float_dtype_on_cuda(dtype):
+    """The fused non-finite check has no bfloat16 CUDA kernel: bf16 layers must take the isfinite form."""
+    torch.manual_seed(0)
+    ours, theirs = bnkit.BatchNorm2d(4).to("cuda", dtype), torch.nn.BatchNorm2d(4).to("cuda", dtype)
+    x = torch.randn(8, 4, 3, 3, device="cuda", dtype=dtype)
+    torch.testing.assert_close(ours(x), theirs(x))
+    torch.testing.assert_close(ours.running_var, theirs.running_var)
+    before = ours.running_mean.clone()
+    ours(torch.full_like(x, float("nan")))
+    assert torch.equal(ours.running_mean, before) and ours.num_batches_tracked.item() == 1
+    with pytest.warns(RuntimeWarning, match="1 training batch"):
+        assert ours.report_nonfinite() == 1
