@@ -274,9 +274,11 @@ def _values_per_channel(layer: nn.Module, args: tuple, kwargs: dict) -> int:
 
 def _train_eval_gap(layer: nn.Module, args: tuple, kwargs: dict) -> float | None:
     """``rms(y_train - y_eval) / rms(y_train)`` of the layer's own output on one call's input (its channel
-    axis, activation, ghost or renormalized statistics, mask included), training with frozen statistics
-    so nothing is updated. ``None`` where eval is not the running-statistics map (no running statistics,
-    ``example_weight``): the question this gap answers does not apply there."""
+    axis, activation, ghost or renormalized statistics), training with frozen statistics so nothing is
+    updated. A call's ``mask=``/``lengths=`` are passed on: padding is returned unchanged in both modes,
+    so it adds nothing to the difference and its values to ``rms(y_train)``. ``None`` where eval is not
+    the running-statistics map (no running statistics, ``example_weight``): the question this gap
+    answers does not apply there."""
     if eval_affine(layer) is None:
         return None
     training = layer.training
