@@ -301,3 +301,34 @@ def test_doctor_calls_the_layers_channels_last_activation_and_ghost():
         flat = z.reshape(-1, z.shape[-1])
         torch.testing.assert_close(torch.tensor(layers[name].population_mean, dtype=torch.float64), flat.mean(0))
         torch.testing.assert_close(torch.tensor(layers[name].population_var, dtype=torch.float64), flat.var(0))
+
+
+def test_doctor_passes_a_layers_lengths_on():
+    """A layer called with lengths=: padding stays out of its statistics in both the train/eval gap and the
+    population statistics (float64 by hand over the valid positions; padding holds large values)."""
+    class Padded(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = bnkit.BatchNorm1d(3, axis=-1, dtype=torch.float64)
+
+        def forward(self, x, lengths):
+            return self.bn(x, lengths=lengths)
+
+    model = Padded().eval()
+    with torch.no_grad():
+        model.bn.running_mean.fill_(0.3)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(16, 9, 3, generator=g, dtype=torch.float64) * 2 + 1
+    lengths = torch.randint(2, 10, (16,), generator=g)
+    valid = torch.arange(9)[None, :] < lengths[:, None]
+    x[~valid] = 50.0
+    report = doctor(model, [(x, lengths)], forward=lambda m, b: m(*b))
+    v = x[valid]
+    mean, var = v.mean(0), v.var(0, unbiased=False)
+    y_train = torch.where(valid[..., None], (x - mean) / torch.sqrt(var + 1e-5), x)
+    y_eval = torch.where(valid[..., None], (x - 0.3) / torch.sqrt(torch.tensor(1.0 + 1e-5, dtype=torch.float64)), x)
+    want = float((y_train - y_eval).pow(2).mean().sqrt() / y_train.pow(2).mean().sqrt())
+    [d] = report.layers
+    assert d.train_eval_gap == pytest.approx(want, rel=1e-9)
+    torch.testing.assert_close(torch.tensor(d.population_mean, dtype=torch.float64), mean)
+    torch.testing.assert_close(torch.tensor(d.population_var, dtype=torch.float64), v.var(0))
