@@ -17,6 +17,7 @@ running statistics is available as ``bnkit.freeze_stats(model, use_running=True)
 from __future__ import annotations
 
 import contextlib
+import weakref
 
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -28,7 +29,8 @@ from .freezing import batch_norm_layers, stats_frozen_mode
 
 __all__ = ["accumulate"]
 
-_FLAG = "_bnkit_accumulating"
+# Layers inside an accumulate() context now: a second context on one of them is refused.
+_ACCUMULATING: weakref.WeakSet = weakref.WeakSet()
 
 
 class _Accumulator:
@@ -60,8 +62,10 @@ class _Accumulator:
 def _torch_hooks(layer: _BatchNorm, acc: _Accumulator) -> list:
     """torch.nn layers: batch statistics without the update for each call (torch's own switch), and
     the moments pooled only after the layer accepted the batch."""
+    saved = []  # the layer's own flag during one call
+
     def before(module, args):
-        object.__setattr__(module, "_bnkit_saved_track", module.track_running_stats)
+        saved.append(module.track_running_stats)
         module.track_running_stats = False
 
     def after(module, args, output):
@@ -69,7 +73,8 @@ def _torch_hooks(layer: _BatchNorm, acc: _Accumulator) -> list:
             acc.add(Moments.of(args[0]))
 
     def restore(module, args, output):
-        module.track_running_stats = module._bnkit_saved_track
+        if saved:  # always_call: also after a call that failed in an earlier hook
+            module.track_running_stats = saved.pop()
 
     return [layer.register_forward_pre_hook(before), layer.register_forward_hook(after),
             layer.register_forward_hook(restore, always_call=True)]
@@ -96,7 +101,7 @@ def accumulate(model: torch.nn.Module, steps: int):
     if not layers:
         raise ValueError(f"accumulate: {type(model).__name__} has no batch-norm layer")
     for name, layer in layers:
-        if getattr(layer, _FLAG, False):
+        if layer in _ACCUMULATING:
             raise RuntimeError(f"accumulate: {getattr(layer, 'layer_name', type(layer).__name__)} "
                                f"({name or 'the model'}) is already inside an accumulate() context")
     live = [layer for _, layer in layers if _live(layer)]
@@ -104,7 +109,7 @@ def accumulate(model: torch.nn.Module, steps: int):
     for layer in live:
         acc = _Accumulator(layer, steps)
         accumulators.append(acc)
-        object.__setattr__(layer, _FLAG, True)
+        _ACCUMULATING.add(layer)
         if isinstance(layer, BatchNormBase):
             layer.stats_frozen = "batch"
             handles.append(layer.register_moments_hook(lambda _layer, moments, acc=acc: acc.add(moments)))
@@ -118,5 +123,5 @@ def accumulate(model: torch.nn.Module, steps: int):
         for acc in accumulators:
             if isinstance(acc.layer, BatchNormBase):
                 acc.layer.stats_frozen = None
-            object.__setattr__(acc.layer, _FLAG, False)
+            _ACCUMULATING.discard(acc.layer)
             acc.flush()

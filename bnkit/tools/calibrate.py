@@ -10,11 +10,13 @@ and by averaging per-batch variances (which drops the between-batch term); they 
 layers only, no distributed data, and measure every layer while all upstream layers still
 normalize with batch statistics, which is not what eval will feed it.
 
-``calibrate`` records, with a forward pre-hook, the input of every batch-norm layer and keeps
-per-channel ``(count, mean, M2)`` merged with Chan's formula (:class:`bnkit.stats.Moments`), so the
-result is exactly the statistics of the concatenation of every activation the layer saw:
-``running_mean`` is the pooled mean and ``running_var`` the pooled *unbiased* variance, which is
-what ``torch.nn`` would store after one batch containing all the data with ``momentum=1``.
+``calibrate`` records, with a forward pre-hook, the input of every batch-norm layer (a call with
+``mask=``/``lengths=`` through the layer's :meth:`~bnkit.BatchNormBase.register_moments_hook`, which
+leaves the padding out) and keeps per-channel ``(count, mean, M2)`` merged with Chan's formula
+(:class:`bnkit.stats.Moments`), so the result is exactly the statistics of the concatenation of every
+activation the layer saw: ``running_mean`` is the pooled mean and ``running_var`` the pooled
+*unbiased* variance, which is what ``torch.nn`` would store after one batch containing all the data
+with ``momentum=1``.
 
 Two modes:
 
@@ -72,8 +74,8 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
+from ..nn import BatchNormBase
 from ..stats import Moments
-from ..validation import channel_first, check_mask, mask_from_lengths
 from .freezing import batch_norm_layers, frozen_stats
 
 __all__ = ["calibrate", "CalibrationReport", "LayerCalibration", "MODES"]
@@ -234,23 +236,14 @@ def _layer_input(args: tuple, kwargs: dict) -> torch.Tensor:
     return args[0] if args else kwargs["input"]
 
 
-def _input_moments(module: nn.Module, args: tuple, kwargs: dict) -> tuple[Moments, int]:
-    """Moments of what the layer normalizes: channels on ``axis`` (bnkit), padding (``mask=``/``lengths=``) left
-    out; and the number of values per channel (from the shape, or the mask's count)."""
-    name = getattr(module, "layer_name", type(module).__name__)
-    x = channel_first(name, _layer_input(args, kwargs), getattr(module, "axis", 1))
+def _padding_given(args: tuple, kwargs: dict) -> bool:
+    """Whether a call passes bnkit's ``mask=`` or ``lengths=`` (``forward(input, mask=None, lengths=None)``)."""
     extra = dict(zip(("mask", "lengths"), args[1:]), **kwargs)
-    mask, lengths = extra.get("mask"), extra.get("lengths")
-    if lengths is not None:
-        mask = mask_from_lengths(name, x, lengths)
-    if mask is None:
-        return Moments.of(x), x.numel() // max(x.shape[1], 1)
-    mask = check_mask(name, x, mask)
-    return Moments.of(x, mask), int(mask.sum())
+    return extra.get("mask") is not None or extra.get("lengths") is not None
 
 
 class _SingleValueBatch(Exception):
-    """Raised by a capture hook, before the layer runs, for a batch that gives it one value per channel."""
+    """Raised by a capture hook, before the layer normalizes, for a batch that gives it one value per channel."""
 
     def __init__(self, layer: int, samples: int):
         super().__init__(layer, samples)
@@ -258,19 +251,41 @@ class _SingleValueBatch(Exception):
 
 
 class _Capture:
-    """Pre-hooks adding each captured layer's input moments to the current batch; merged per batch."""
+    """Adds each captured layer's input moments to the current batch; merged per batch.
+
+    A forward pre-hook (torch's public API) measures the input of every call, with the channels on the
+    layer's ``axis`` (bnkit; 1 for torch.nn). A call that passes ``mask=``/``lengths=`` (plain bnkit layers
+    only) is measured instead by the layer's own :meth:`~bnkit.BatchNormBase.register_moments_hook`,
+    registered for that call: the layer checks the padding and leaves it out itself. The moments hook is
+    not used for every call because ghost layers refuse it and synchronized layers report the moments
+    of all ranks, while calibrate merges each rank's own (see the module docstring).
+    """
 
     def __init__(self, modules: list[nn.Module], indices: list[int]):
         self.batch: dict[int, Moments] = {}
         self.total: dict[int, Moments] = {}
         self.handles = [modules[i].register_forward_pre_hook(self._hook(i), with_kwargs=True) for i in indices]
+        self.per_call: list = []  # moments hooks of masked calls, removed when they fire (or by remove())
+
+    def _add(self, i: int, m: Moments, values: int, samples: int) -> None:
+        if values == 1:  # the layer cannot normalize it with batch statistics: see the module docstring
+            raise _SingleValueBatch(i, samples)
+        self.batch[i] = m if i not in self.batch else self.batch[i].merge(m)
 
     def _hook(self, i: int):
         def hook(module, args, kwargs):
-            m, values = _input_moments(module, args, kwargs)
-            if values == 1:  # the layer cannot normalize it with batch statistics: see the module docstring
-                raise _SingleValueBatch(i, _layer_input(args, kwargs).shape[0])
-            self.batch[i] = m if i not in self.batch else self.batch[i].merge(m)
+            x = _layer_input(args, kwargs)
+            if _padding_given(args, kwargs) and isinstance(module, BatchNormBase):
+                def observe(layer, moments):
+                    handle.remove()
+                    self._add(i, moments, int(moments.count[0]), x.shape[0])
+                handle = module.register_moments_hook(observe)
+                self.per_call.append(handle)
+                return
+            axis = getattr(module, "axis", 1)
+            if not isinstance(x, torch.Tensor) or x.dim() < 2 or not -x.dim() <= axis < x.dim():
+                return  # the layer refuses this input itself, with a message naming it
+            self._add(i, Moments.of(x.movedim(axis, 1)), x.numel() // max(x.shape[axis], 1), x.shape[0])
         return hook
 
     def end_batch(self) -> bool:
@@ -284,7 +299,7 @@ class _Capture:
         return True
 
     def remove(self) -> None:
-        for h in self.handles:
+        for h in self.handles + self.per_call:
             h.remove()
 
 
@@ -433,7 +448,7 @@ def _calibration_state(model: nn.Module, modules: list[nn.Module]):
     """
     training = [(m, m.training) for m in model.modules()]
     # Public attributes of every BN layer (momentum, flags, bnkit's last_train_batch_size, ...) are put
-    # back as they were, whatever the layer's forward recorded during calibration.
+    # back as they were, with setattr, whatever the layer's forward recorded during calibration.
     attributes = [(m, {k: v for k, v in vars(m).items() if not k.startswith("_")}) for _, m in batch_norm_layers(model)]
     saved = [(m.running_mean.clone(), m.running_var.clone()) for m in modules]
     try:
@@ -451,7 +466,9 @@ def _calibration_state(model: nn.Module, modules: list[nn.Module]):
         for m, flag in training:
             m.training = flag
         for m, attrs in attributes:
-            m.__dict__.update(attrs)
+            for k, v in attrs.items():
+                if getattr(m, k, None) is not v:
+                    setattr(m, k, v)
 
 
 def _read_pass(model: nn.Module, batches: _Batches, forward, capture: _Capture, probe: _DependencyProbe | None,

@@ -200,10 +200,8 @@ def _swap_batch_norm(m: _BatchNorm, cls, process_group, activation) -> nn.Module
     new = cls(m.num_features, m.eps, affine=m.affine, track_running_stats=m.track_running_stats,
               device="meta", **kwargs)
     new.momentum = m.momentum
-    for key in ("weight", "bias"):
-        setattr(new, key, getattr(m, key))
-    for key in ("running_mean", "running_var", "num_batches_tracked"):
-        new._buffers[key] = m._buffers.get(key)
+    for key in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+        setattr(new, key, getattr(m, key, None))  # a registered parameter/buffer slot takes a tensor or None
     if isinstance(new, BatchNormBase) and isinstance(m, BatchNormBase):
         for key in _EXTRAS:
             setattr(new, key, getattr(m, key))

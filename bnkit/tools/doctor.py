@@ -7,8 +7,10 @@
   (measured with :func:`bnkit.calibrate`, PreciseBN, on a copy of the model). Errors:
   ``mean_error = max_c |mu_ema - mu_pop| / sqrt(var_pop + eps)`` (a shift in units of the channel's
   std) and ``var_error = max_c |var_ema - var_pop| / (var_pop + eps)`` (relative).
-* **Train vs eval discrepancy.** On one probe batch, the layer's input normalized with the batch
-  statistics (training) vs with the running statistics (eval): ``rms(y_train - y_eval) / rms(y_train)``.
+* **Train vs eval discrepancy.** On one probe batch, the layer itself is called on the input it gets
+  in training mode, once in training mode (batch statistics; its statistics frozen, so nothing is
+  updated) and once in eval mode (running statistics): ``rms(y_train - y_eval) / rms(y_train)`` of
+  its outputs, so its channel ``axis``, activation and ghost/renormalized statistics count.
   The same ratio for the model output is in ``report.summary``.
 * **Collapsed channels**: population variance ~ 0 (a dead ReLU or pruned filter upstream); eval then
   divides by ``sqrt(eps)``.
@@ -36,9 +38,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..functional import batch_norm
 from ..stats.momentum import KERAS_LOOKALIKE_THRESHOLD, convert
-from ..validation import channel_first
 from .fold import eval_affine
 from .freezing import batch_norm_layers, frozen_stats
 
@@ -258,12 +258,37 @@ def _call(model: nn.Module, batch, forward):
                     f"pass forward=lambda model, batch: ... ")
 
 
-def _capture_inputs(model: nn.Module, names: list[str]):
-    """Forward pre-hooks recording each named layer's input; returns (store, remove)."""
-    store: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+def _capture_calls(model: nn.Module, names: list[str]):
+    """Forward pre-hooks recording each named layer's call arguments ``(args, kwargs)``; returns (store, remove)."""
+    store: dict[str, list[tuple]] = {n: [] for n in names}
     handles = [model.get_submodule(n).register_forward_pre_hook(
-        lambda m, args, n=n: store[n].append(args[0].detach())) for n in names]
+        lambda m, args, kwargs, n=n: store[n].append((args, kwargs)), with_kwargs=True) for n in names]
     return store, lambda: [h.remove() for h in handles]
+
+
+def _values_per_channel(layer: nn.Module, args: tuple, kwargs: dict) -> int:
+    """Values per channel in one call's input: the elements over the size of the layer's channel ``axis``."""
+    x = args[0] if args else kwargs["input"]
+    return x.numel() // x.shape[getattr(layer, "axis", 1)]
+
+
+def _train_eval_gap(layer: nn.Module, args: tuple, kwargs: dict) -> float | None:
+    """``rms(y_train - y_eval) / rms(y_train)`` of the layer's own output on one call's input (its channel
+    axis, activation, ghost or renormalized statistics), training with frozen statistics so nothing is
+    updated. A call's ``mask=``/``lengths=`` are passed on: padding is returned unchanged in both modes,
+    so it adds nothing to the difference and its values to ``rms(y_train)``. ``None`` where eval is not
+    the running-statistics map (no running statistics, ``example_weight``): the question this gap
+    answers does not apply there."""
+    if eval_affine(layer) is None:
+        return None
+    training = layer.training
+    try:
+        with frozen_stats(layer):
+            y_train = layer.train()(*args, **kwargs)
+        y_eval = layer.eval()(*args, **kwargs)
+    finally:
+        layer.train(training)
+    return _rel_rms(y_train, y_eval)
 
 
 def _population(model: nn.Module, batches: list, forward, mode: str, progress: bool):
@@ -324,14 +349,8 @@ def doctor(model: nn.Module, data, num_batches: int = 50, batch_size: int = 64, 
                            min_values_per_channel=min(values, default=None))
         if d.has_running_stats:
             d.ema_mean, d.ema_var = running_mean.double().tolist(), running_var.double().tolist()
-            # None: eval is not the running-statistics map (example_weight), so this gap does not apply
-            affine = eval_affine(bn, torch.float64) if name in measured.inputs else None
-            if affine is not None:
-                x = channel_first(name, measured.inputs[name], getattr(bn, "axis", 1))
-                y_b = batch_norm(x, None, None, bn.weight, bn.bias, training=True, eps=bn.eps)
-                view = (1, -1) + (1,) * (x.dim() - 2)
-                y_r = x.double() * affine[0].view(view) + affine[1].view(view)
-                d.train_eval_gap = _rel_rms(y_b, y_r)
+            if name in measured.gaps:
+                d.train_eval_gap = measured.gaps[name]
         cal = measured.calibrated.get(name)
         if cal is not None and cal.running_mean is not None:
             pm, pv = cal.running_mean.double(), cal.running_var.double()
@@ -364,7 +383,7 @@ class _Measured:
 
     samples: int = 0
     values: dict = field(default_factory=dict)      # layer -> fewest values per channel, per batch
-    inputs: dict = field(default_factory=dict)      # layer -> its input on the probe batch, training mode
+    gaps: dict = field(default_factory=dict)        # layer -> train/eval gap of its output on the probe batch
     calibrated: dict = field(default_factory=dict)  # layer -> the layer holding population statistics
     y_train: object = None
     y_eval: object = None
@@ -376,13 +395,16 @@ def _measure_eager(model: nn.Module, names: list[str], batches: list, forward, m
     m = _Measured()
     # Shapes of every layer's input over all batches, in eval mode (never fails, never updates).
     probe = copy.deepcopy(model).eval()
-    store, remove = _capture_inputs(probe, names)
+    store, remove = _capture_calls(probe, names)
+    layers = {n: probe.get_submodule(n) for n in names}
     values = m.values = {n: [] for n in names}  # values[n][i]: fewest values per channel in batch i
     for batch in batches:
         _call(probe, batch, forward)
-        m.samples += store[names[0]][0].shape[0] if store[names[0]] else 0
+        if store[names[0]]:
+            args, kwargs = store[names[0]][0]
+            m.samples += (args[0] if args else kwargs["input"]).shape[0]
         for n in names:
-            values[n].append(min((x.numel() // x.shape[1] for x in store[n]), default=0))
+            values[n].append(min((_values_per_channel(layers[n], *call) for call in store[n]), default=0))
             store[n].clear()
 
     # The probe batch (the one with the most values per channel) in eval mode and in training mode
@@ -399,8 +421,10 @@ def _measure_eager(model: nn.Module, names: list[str], batches: list, forward, m
         probe.train()
         with frozen_stats(probe):
             m.y_train = _call(probe, probe_batch, forward)
-        m.inputs = {n: store[n][0] for n in names if store[n]}
     remove()
+    # Each layer called by itself, in training and in eval mode, on the input it got in training mode
+    # (its first call on the probe batch).
+    m.gaps = {n: _train_eval_gap(layers[n], *store[n][0]) for n in names if store[n]}
 
     # Batches that give some layer a single value per channel cannot run in training mode.
     trainable = [b for k, b in enumerate(batches) if fewest(k) > 1]

@@ -49,11 +49,13 @@ def test_accumulate_pools_only_batches_the_layer_accepted(bn_cls):
         for bad in (torch.randn(1, 3), torch.randn(4, 5)):  # a batch of one; a wrong channel count
             with pytest.raises((ValueError, RuntimeError)):
                 bn(bad)
+            assert bn.track_running_stats  # put back after each call, also a refused one
         bn(good[1])
     ref = torch.nn.BatchNorm1d(3)
     ref(torch.cat(good))
     torch.testing.assert_close(bn.running_var, ref.running_var, rtol=1e-5, atol=1e-6)
     assert bn.num_batches_tracked.item() == 1
+    assert not [k for k in vars(bn) if k.startswith("_bnkit")]  # accumulate leaves nothing on the layer
 
 
 @pytest.mark.parametrize("bn_cls", [bnkit.BatchNorm1d, torch.nn.BatchNorm1d])

@@ -84,7 +84,11 @@ def _branchy_data(sizes=(6, 3, 8, 5, 2), seed=0):
 @pytest.mark.parametrize("layer_cls, tail", [
     (bnkit.BatchNorm1d, (3,)), (bnkit.BatchNorm1d, (3, 4)), (bnkit.BatchNorm2d, (3, 4, 2)),
     (bnkit.BatchNorm3d, (3, 2, 3, 2)), (nn.BatchNorm1d, (3,)), (nn.BatchNorm2d, (3, 4, 2)),
-    (nn.BatchNorm3d, (3, 2, 3, 2)), (nn.SyncBatchNorm, (3, 4, 2))])
+    (nn.BatchNorm3d, (3, 2, 3, 2)), (nn.SyncBatchNorm, (3, 4, 2)),
+    # variants whose batch statistics are not one batch's: the layer's whole input is still what is pooled
+    (lambda c, dtype: bnkit.GhostBatchNorm2d(c, virtual_batch_size=4, dtype=dtype), (3, 4, 2)),
+    (lambda c, dtype: bnkit.BatchRenorm2d(c, rmax=3.0, dmax=5.0, dtype=dtype), (3, 4, 2)),
+    (bnkit.SyncBatchNorm, (3, 4, 2))])
 def test_pooled_statistics_equal_one_giant_batch(layer_cls, tail):
     sizes = (2, 9, 31, 5)  # unequal: an equal-weight average of batches would be wrong
     data = _batches(tail, sizes, mean=3.0, std=2.0)
@@ -124,6 +128,55 @@ def test_channels_last_padding_and_biased_variance_follow_the_layer():
     torch.testing.assert_close(model.bn.running_var, valid.var(0, unbiased=False))
     assert report.layers[0].samples == len(valid)
     assert model.bn.last_train_batch_size is None  # state the layer records in training is put back
+    assert not model.bn._moments_hooks  # the per-call observation hooks are gone
+
+
+def test_mask_keyword_and_a_masked_batch_of_one_value():
+    """mask= is measured like lengths=; a batch whose mask leaves one valid value per channel is left out of
+    every layer (warning), as an unmasked batch of one value is. Reference: float64 of the valid values."""
+    class Masked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = bnkit.BatchNorm1d(2, dtype=torch.float64)
+            self.head = nn.BatchNorm1d(2, dtype=torch.float64)
+
+        def forward(self, x, mask):
+            return self.head(self.bn(x, mask=mask))
+
+    g = torch.Generator().manual_seed(5)
+    data = [{"x": torch.randn(4, 2, 5, generator=g, dtype=torch.float64), "mask": torch.rand(4, 5, generator=g) < 0.6}
+            for _ in range(3)]
+    one = torch.zeros(4, 5, dtype=torch.bool)
+    one[2, 3] = True
+    data.insert(1, {"x": torch.randn(4, 2, 5, generator=g, dtype=torch.float64), "mask": one})
+    model = Masked()
+    with pytest.warns(RuntimeWarning, match=r"batch 1: 4 sample\(s\), layer 'bn'"):
+        report = bnkit.calibrate(model, data, num_batches=None, progress=False)
+    kept = [b for k, b in enumerate(data) if k != 1]
+    valid = torch.cat([b["x"].transpose(1, 2)[b["mask"]] for b in kept])
+    torch.testing.assert_close(model.bn.running_mean, valid.mean(0))
+    torch.testing.assert_close(model.bn.running_var, valid.var(0))
+    assert report.layers[0].samples == len(valid) and report.single_value_batches == 1 and report.batches == 3
+    assert not model.bn._moments_hooks
+
+
+def test_bad_mask_is_the_layers_error_and_nothing_changes():
+    class Masked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = bnkit.BatchNorm1d(2)
+
+        def forward(self, x, mask):
+            return self.bn(x, mask=mask)
+
+    model = Masked()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    data = [{"x": torch.randn(4, 2, 5), "mask": torch.ones(4, 5, dtype=torch.bool)},
+            {"x": torch.randn(4, 2, 5), "mask": torch.ones(4, 6, dtype=torch.bool)}]
+    with pytest.raises(ValueError, match=r"BatchNorm1d\(2\): mask must be a bool tensor shaped like the input"):
+        bnkit.calibrate(model, data, num_batches=None, progress=False)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert not model.bn._moments_hooks and not model.bn._forward_pre_hooks
 
 
 def test_float32_large_mean_stays_accurate():

@@ -259,3 +259,76 @@ def test_train_eval_gap_follows_the_layers_axis_and_eval_map():
     # example_weight: eval is not the running-statistics map, so that gap is not claimed
     model[1] = bnkit.BatchNorm1d(5, axis=-1, example_weight=0.5)
     assert {d.name: d for d in doctor(model, x, batch_size=32, num_batches=1).layers}["1"].train_eval_gap is None
+
+
+def test_doctor_calls_the_layers_channels_last_activation_and_ghost():
+    """axis=-1 with a fused ReLU, then a ghost layer on (N, L, C): the train/eval gap is the layers' own
+    outputs (activation, ghost sub-batches), against torch.nn on the transposed input in float64; the
+    population statistics against float64 by hand; the model's buffers are unchanged."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 5), bnkit.BatchNorm1d(5, axis=-1, activation="relu"), nn.Linear(5, 4),
+                          bnkit.GhostBatchNorm1d(4, virtual_batch_size=8, axis=-1)).double().eval()
+    with torch.no_grad():
+        model[1].running_mean.copy_(torch.linspace(-1.0, 1.0, 5))  # stale: eval differs from training
+        model[1].running_var.fill_(2.0)
+        model[3].running_mean.fill_(0.5)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(32, 7, 3, dtype=torch.float64)
+    report = doctor(model, x, batch_size=32, num_batches=1)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not model.training and all(not m.training for m in model.modules())
+
+    def torch_bn(layer, z, training):  # torch.nn with the layer's parameters and buffers, channels on dim 1
+        ref = nn.BatchNorm1d(layer.num_features, dtype=torch.float64)
+        ref.load_state_dict(layer.state_dict())
+        return ref.train(training)(z.transpose(1, 2)).transpose(1, 2)
+
+    def gap(y_train, y_eval):
+        return float((y_train - y_eval).pow(2).mean().sqrt() / y_train.pow(2).mean().sqrt())
+
+    with torch.no_grad():
+        z1 = model[0](x)
+        y1_train, y1_eval = torch_bn(model[1], z1, True).relu(), torch_bn(model[1], z1, False).relu()
+        z3 = model[2](y1_train)  # in training mode the ghost layer's input comes from layer 1 with batch statistics
+        y3_train = torch.cat([torch_bn(model[3], chunk, True) for chunk in z3.split(8)])
+        y3_eval = torch_bn(model[3], z3, False)
+    layers = {d.name: d for d in report.layers}
+    assert layers["1"].train_eval_gap == pytest.approx(gap(y1_train, y1_eval), rel=1e-9)
+    assert layers["3"].train_eval_gap == pytest.approx(gap(y3_train, y3_eval), rel=1e-9)
+    assert "train and eval outputs of this layer differ" in _codes(report, "1")
+    # population statistics (precise mode): every value of each layer's input, as in training
+    for name, z in (("1", z1), ("3", z3)):
+        flat = z.reshape(-1, z.shape[-1])
+        torch.testing.assert_close(torch.tensor(layers[name].population_mean, dtype=torch.float64), flat.mean(0))
+        torch.testing.assert_close(torch.tensor(layers[name].population_var, dtype=torch.float64), flat.var(0))
+
+
+def test_doctor_passes_a_layers_lengths_on():
+    """A layer called with lengths=: padding stays out of its statistics in both the train/eval gap and the
+    population statistics (float64 by hand over the valid positions; padding holds large values)."""
+    class Padded(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = bnkit.BatchNorm1d(3, axis=-1, dtype=torch.float64)
+
+        def forward(self, x, lengths):
+            return self.bn(x, lengths=lengths)
+
+    model = Padded().eval()
+    with torch.no_grad():
+        model.bn.running_mean.fill_(0.3)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(16, 9, 3, generator=g, dtype=torch.float64) * 2 + 1
+    lengths = torch.randint(2, 10, (16,), generator=g)
+    valid = torch.arange(9)[None, :] < lengths[:, None]
+    x[~valid] = 50.0
+    report = doctor(model, [(x, lengths)], forward=lambda m, b: m(*b))
+    v = x[valid]
+    mean, var = v.mean(0), v.var(0, unbiased=False)
+    y_train = torch.where(valid[..., None], (x - mean) / torch.sqrt(var + 1e-5), x)
+    y_eval = torch.where(valid[..., None], (x - 0.3) / torch.sqrt(torch.tensor(1.0 + 1e-5, dtype=torch.float64)), x)
+    want = float((y_train - y_eval).pow(2).mean().sqrt() / y_train.pow(2).mean().sqrt())
+    [d] = report.layers
+    assert d.train_eval_gap == pytest.approx(want, rel=1e-9)
+    torch.testing.assert_close(torch.tensor(d.population_mean, dtype=torch.float64), mean)
+    torch.testing.assert_close(torch.tensor(d.population_var, dtype=torch.float64), v.var(0))
