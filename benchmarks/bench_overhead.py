@@ -3,6 +3,7 @@ dispatch are the whole cost (what a GPU step pays on the host for every layer ca
 
     python benchmarks/bench_overhead.py            # table: torch.nn, bnkit default, bnkit propagate
     python benchmarks/bench_overhead.py --repeats 9 --threads 1
+    python benchmarks/bench_overhead.py --guard-ops   # what each op of the default guard costs
 
 Cases: BatchNorm2d on 8x16x7x7 (train forward, train forward+backward, eval forward), and one
 training step (forward, backward, SGD) of a 4-layer MLP with BatchNorm1d, batch 64. Each number is
@@ -64,13 +65,47 @@ def _per_call_us(fn, calls: int) -> float:
     return (time.perf_counter() - t0) / calls * 1e6
 
 
+def _guard_ops(calls: int, repeats: int) -> None:
+    """Host time of each op the default guard adds to a training call, next to torch's kernel (the
+    cheapest run of each over ``repeats``): the floor a guard built from torch ops can reach."""
+    from bnkit.stats.running import commit, nonfinite_flag
+    c = 16
+    x, w, b = torch.randn(8, c, 7, 7), torch.ones(c), torch.zeros(c)
+    rm, rv, nbt, skipped = torch.zeros(c), torch.ones(c), torch.zeros((), dtype=torch.long), torch.zeros(())
+    s0, s1 = rm.clone(), rv.clone()
+    skip = nonfinite_flag(s0, s1)
+    keep = skip.logical_not()
+    ops = {"torch.batch_norm (training, the kernel itself)": lambda: torch.batch_norm(x, w, b, s0, s1, True, 0.1,
+                                                                                        1e-5, False),
+           "num_batches_tracked.add_ (torch.nn pays it too)": lambda: nbt.add_(keep),
+           "scratch: 2x clone of the running statistics": lambda: (rm.clone(), rv.clone()),
+           "nonfinite_flag (zeros_like + fused check)": lambda: nonfinite_flag(s0, s1),
+           "keep = flag.logical_not()": lambda: skip.logical_not(),
+           "2x torch.where into the buffers": lambda: (torch.where(keep, s0, rm, out=rm),
+                                                     torch.where(keep, s1, rv, out=rv)),
+           "skipped.add_(flag)": lambda: skipped.add_(skip),
+           "for comparison: isfinite(t).all() on one tensor": lambda: torch.isfinite(s0).all(),
+           "the whole commit (2x where + 2 counters)": lambda: commit(rm, rv, nbt, s0, s1, keep, skipped, skip)}
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), best of {repeats} rounds x {calls} calls, "
+          f"C={c}")
+    print("| op | us per call |")
+    print("|---|---|")
+    for name, fn in ops.items():
+        _per_call_us(fn, 50)
+        print(f"| {name} | {min(_per_call_us(fn, calls) for _ in range(repeats)):.2f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--calls", type=int, default=400)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--guard-ops", action="store_true", help="time each op of the default guard instead")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.guard_ops:
+        _guard_ops(args.calls * 10, args.repeats)
+        return
     kinds = ("torch.nn", "bnkit", "bnkit propagate")
     cases = {k: _cases(k) for k in kinds}
     names = list(cases["torch.nn"])
