@@ -1,12 +1,11 @@
 """DDP: a bnkit model trains under DistributedDataParallel exactly as the same torch.nn model does.
 
-Two local processes (gloo, spawn, a free port) each train a bnkit model and an identical torch.nn
+Two local processes (gloo, spawn, a file store: no port to race for) each train a bnkit model and an identical torch.nn
 model, DDP-wrapped with the default ``broadcast_buffers=True``: at each forward rank 0's running
 statistics are broadcast, then each rank updates them with its own batch. Parameters, gradients
 and buffers of the two models must agree on every rank. A bnkit.SyncBatchNorm model under DDP must
 train exactly as one process on the concatenated batch.
 """
-import socket
 
 import pytest
 import torch
@@ -25,8 +24,8 @@ def _model(bn2d, bn1d):
                           bn1d(3, momentum=None))
 
 
-def _worker(rank, world, port, out_dir):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+def _worker(rank, world, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{out_dir}/store", rank=rank, world_size=world)
     try:
         torch.set_num_threads(1)
         results = {}
@@ -47,15 +46,10 @@ def _worker(rank, world, port, out_dir):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo")
 def test_ddp_trains_like_torch_nn(tmp_path):
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     for rank, res in enumerate(ranks):
         assert res["bnkit"].keys() == res["torch"].keys()
@@ -70,8 +64,8 @@ def test_ddp_trains_like_torch_nn(tmp_path):
     assert not torch.allclose(ranks[0]["bnkit"]["1.running_mean"], ranks[1]["bnkit"]["1.running_mean"])
 
 
-def _sync_worker(rank, world, port, out_dir):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+def _sync_worker(rank, world, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{out_dir}/store", rank=rank, world_size=world)
     try:
         torch.set_num_threads(1)
         model = tnn.parallel.DistributedDataParallel(bnkit.convert(_model(bnkit.BatchNorm2d, bnkit.BatchNorm1d),
@@ -93,7 +87,7 @@ def _sync_batch(step):
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo")
 def test_sync_batch_norm_under_ddp_equals_one_process_on_the_whole_batch(tmp_path):
-    mp.spawn(_sync_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_sync_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
     reference = _model(tnn.BatchNorm2d, tnn.BatchNorm1d)
     opt = torch.optim.SGD(reference.parameters(), lr=0.1)
     for step in range(STEPS):  # equal shards: DDP's mean of per-rank mean losses is the mean over the batch

@@ -3,7 +3,6 @@ concatenated activations, full-eval activations, single-process runs for the dis
 from __future__ import annotations
 
 import copy
-import socket
 import time
 import warnings
 from datetime import timedelta
@@ -465,11 +464,6 @@ def test_report_changes_are_relative_to_the_old_statistics():
 
 # ------------------------------------------------------------------------------------------------ distributed
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 class OnlyLargeBatches(nn.Module):
     """``late`` runs only on batches of 6 or more, so in the 2-rank test rank 1 never runs it."""
@@ -484,8 +478,8 @@ class OnlyLargeBatches(nn.Module):
         return self.late(h) if len(x) >= 6 else h
 
 
-def _distributed_worker(rank, world, port, out_dir):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+def _distributed_worker(rank, world, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{out_dir}/store", rank=rank, world_size=world,
                             timeout=timedelta(seconds=60))
     try:
         torch.set_num_threads(1)
@@ -507,7 +501,7 @@ def _distributed_worker(rank, world, port, out_dir):
 
 def test_distributed_gloo_two_ranks_equal_single_process_on_the_union(tmp_path):
     world, deadline = 2, time.monotonic() + 120
-    ctx = mp.spawn(_distributed_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=False)
+    ctx = mp.spawn(_distributed_worker, args=(world, str(tmp_path)), nprocs=world, join=False)
     while not ctx.join(timeout=1):
         if time.monotonic() > deadline:
             for p in ctx.processes:
