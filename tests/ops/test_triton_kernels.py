@@ -477,9 +477,11 @@ def test_launch_arguments_follow_each_kernels_signature(tiles, monkeypatch):
 def test_compiled_launcher_reused_only_for_the_same_key(interpreter, monkeypatch):
     calls = []
 
-    class Compiled:  # what Triton's JIT entry returns on a GPU
+    class Compiled:  # what Triton's JIT entry returns on a GPU (CompiledKernel, Triton 3.x)
         def __getitem__(self, grid):
-            return lambda *args: calls.append(("compiled", grid, args))
+            def runner(*args):  # like CompiledKernel.__getitem__'s runner: grid[0], grid[1], grid[2] as given
+                calls.append(("compiled", (grid[0], grid[1], grid[2]), args))
+            return runner
 
     class Kernel:
         def __getitem__(self, grid):
@@ -495,10 +497,14 @@ def test_compiled_launcher_reused_only_for_the_same_key(interpreter, monkeypatch
     launch._launch(kernel, (2, 3), ("plan", "sig"), (11, 21), consts, 4)
     launch._launch(kernel, (2, 3), ("plan", "other sig"), (12, 22), consts, 4)
     launch._launch(kernel, (2, 3), ("plan", "sig"), (13, 23), (("A", 2), ("B", False)), 4)
+    launch._launch(kernel, (5,), ("plan", "sig"), (14, 24), consts, 4)  # the finalize kernels' 1-D grid
+    launch._launch(kernel, (5,), ("plan", "sig"), (15, 25), consts, 4)
     assert calls == [("jit", (2, 3), (10, 20), {"A": 2, "B": True, "num_warps": 4}),
-                     ("compiled", (2, 3), (11, 21, 2, True)),
+                     ("compiled", (2, 3, 1), (11, 21, 2, True)),
                      ("jit", (2, 3), (12, 22), {"A": 2, "B": True, "num_warps": 4}),
-                     ("jit", (2, 3), (13, 23), {"A": 2, "B": False, "num_warps": 4})]
+                     ("jit", (2, 3), (13, 23), {"A": 2, "B": False, "num_warps": 4}),
+                     ("jit", (5,), (14, 24), {"A": 2, "B": True, "num_warps": 4}),
+                     ("compiled", (5, 1, 1), (15, 25, 2, True))]
     # the pointer signature: dtype and 16-byte alignment, as Triton specializes them
     x = torch.zeros(8)
     assert launch._signature(x, None, x[1:], x[4:].half()) == (
