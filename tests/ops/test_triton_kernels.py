@@ -474,6 +474,28 @@ def test_launch_arguments_follow_each_kernels_signature(tiles, monkeypatch):
                          K._finalize_sums_kernel, K._grad_input_kernel}
 
 
+def test_float_arguments_reach_the_kernels_as_floats(tiles, monkeypatch):
+    # Triton specializes an int argument (1 becomes a compiled-in constant, 0 an i32) but not a float, and
+    # the compiled launcher is reused by plan and pointer signature only: an int eps=1 compiled first
+    # would be used for eps=1e-5 afterwards on a GPU. The layers accept int eps, as torch.nn does.
+    seen = []
+    real = launch._launch
+
+    def recording(kernel, grid, key, args, consts, num_warps):
+        seen.extend((name, value) for name, value in zip(kernel.arg_names, args) if name in ("eps", "slope", "count"))
+        return real(kernel, grid, key, args, consts, num_warps)
+
+    monkeypatch.setattr(launch, "_launch", recording)
+    ours, theirs = _pair(bnkit.BatchNorm2d, 3, eps=1, activation=torch.nn.LeakyReLU(0))
+    x, dy = torch.randn(4, 3, 5, 5), torch.randn(4, 3, 5, 5)
+    for got, want in zip(_run(ours, x, dy, "triton"), _run(theirs, x, dy, "torch")):
+        _close(got, want, 1e-5)
+    _run(ours.eval(), x, dy, "triton")
+    launch.backward(dy, x, torch.zeros(3), torch.ones(3), None, None, 0, False, "leaky_relu", 0, False)
+    assert {name for name, _ in seen} == {"eps", "slope", "count"}
+    assert all(type(value) is float for _, value in seen), seen
+
+
 def test_compiled_launcher_reused_only_for_the_same_key(interpreter, monkeypatch):
     calls = []
 

@@ -218,10 +218,13 @@ def train_forward(x, weight, bias, eps: float, activation: str, negative_slope: 
 
 def _normalize(x, y, mean, var, weight, bias, p: Plan, key, eps, activation, negative_slope, stats, partials):
     """The normalize launch; ``stats`` says whether it reads ``mean``/``var``, merges the ``partials``
-    (count, mean, M2) or computes the statistics itself (see ``kernels._normalize_kernel``)."""
+    (count, mean, M2) or computes the statistics itself (see ``kernels._normalize_kernel``).
+
+    ``eps`` and the slope go to the kernels as Python floats: Triton specializes an int argument
+    (1 becomes a compiled-in constant, others i32), which the launcher cache key does not record."""
     _launch(K._normalize_kernel, p.grid, key,
             (x, y, mean, var, weight if weight is not None else mean, bias if bias is not None else mean,
-             *partials, *p.shape_args, *p.strides, *p.tile_args, p.splits, eps, negative_slope),
+             *partials, *p.shape_args, *p.strides, *p.tile_args, p.splits, float(eps), float(negative_slope)),
             (("STATS", stats), ("HAS_W", weight is not None), ("HAS_B", bias is not None),
              ("ACT", K.ACT_CODES[activation])) + p.blocks, p.num_warps)
 
@@ -252,6 +255,7 @@ def backward(dy, saved, mean, var, weight, bias, eps: float, training: bool, act
     w = weight if weight is not None else mean
     b = bias if bias is not None else mean
     key = (p.key, _signature(dy, saved, mean, var, weight, bias))
+    eps, negative_slope = float(eps), float(negative_slope)  # see _normalize
     flags = (("HAS_W", weight is not None), ("HAS_B", bias is not None), ("ACT", K.ACT_CODES[activation]),
              ("FROM_OUTPUT", from_output)) + p.blocks
     with _device_ctx(saved):
