@@ -235,6 +235,29 @@ def test_grad_output_with_other_layout_and_noncontiguous_input(interpreter):
         _close(a, b, 1e-5)
 
 
+@pytest.mark.parametrize("view", ["channel slice", "channels_last channel slice", "batch slice", "expanded"])
+def test_input_that_is_not_dense(tiles, view):
+    # Spatial dimensions that flatten but gaps (or overlaps) between elements: the output, allocated like
+    # the input, gets contiguous strides, so the kernels must not write it with the input's (they wrote
+    # past its end: heap corruption under the interpreter, out-of-bounds stores on a GPU).
+    base = torch.randn(6, 6, 4, 3)
+    x = {"channel slice": lambda: base[:, 1:4],
+         "channels_last channel slice": lambda: base.contiguous(memory_format=torch.channels_last)[:, 1:4],
+         "batch slice": lambda: base[::2, :3],
+         "expanded": lambda: base[:1, :3].expand(4, 3, 4, 3)}[view]()
+    before = base.clone()
+    ours, theirs = _pair(bnkit.BatchNorm2d, 3, activation="relu")
+    dy = torch.randn(x.shape)
+    for a, b in zip(_run(ours, x, dy, "triton"), _run(theirs, x, dy, "torch")):
+        _close(a, b, 1e-5)
+    ours.eval(), theirs.eval()
+    for a, b in zip(_run(ours, x, dy, "triton"), _run(theirs, x, dy, "torch")):
+        _close(a, b, 1e-5)
+    assert torch.equal(base, before)
+    dense = x.contiguous()
+    assert launch.as_ncl(x).is_contiguous() and launch.as_ncl(dense) is dense  # the fake implementations' layout
+
+
 @pytest.mark.parametrize("activation", ["identity", "leaky_relu"])
 def test_memory_efficient_mode(tiles, activation):
     x, dy = torch.randn(3, 4, 5, 3) * 2 - 1, torch.randn(3, 4, 5, 3)
