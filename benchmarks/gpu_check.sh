@@ -26,12 +26,14 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python -c "import torch, triton, numpy; print('torch', torch.__version__, 'triton', triton.__version__, 'numpy', numpy.__version__, 'GPUs', torch.cuda.device_count())"
 
 # The CUDA tests: AMP against float64, host reads / CUDA-graph capture / every float dtype of the default
-# training step, and the compiled Triton path (cached launcher, graphs, strides, a second GPU if any).
+# training step, no synchronization in a step of any option, and the compiled Triton path (cached
+# launcher, graphs, strides, a second GPU if any).
 # TRITON_INTERPRET=0: tests/conftest.py turns the interpreter on otherwise. The interpreter tests
 # (tests/ops/test_triton_kernels.py) are CPU tests and do not run here: Triton 3.6's interpreter fails
 # on them with NumPy >= 2.4 ("only 0-dimensional arrays can be converted to Python scalars").
 step "pytest CUDA" 100 env TRITON_INTERPRET=0 python -m pytest -q -rs -p no:cacheprovider \
-    tests/ops/test_triton_cuda.py tests/nn/test_host_reads.py tests/ecosystem/test_ecosystem_amp.py
+    tests/ops/test_triton_cuda.py tests/nn/test_host_reads.py tests/nn/test_cuda_syncs.py \
+    tests/ecosystem/test_ecosystem_amp.py
 # Correctness at full size, float64 reference, both layouts and dtypes (the channels_last fp32
 # fused-ReLU backward was reported wrong at these sizes), the eval kernel, and a second call through
 # the cached launcher bit for bit.
