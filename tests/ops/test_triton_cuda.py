@@ -69,8 +69,8 @@ def test_repeated_steps_through_the_cached_launcher(restore, stats, dtype, chann
     launch = restore
     if stats == "own":  # one program per channel block
         launch.tuning.update(stats="own", programs=1)
-    else:  # small tiles: 36 tiles per channel block, split 3 (merged in the prologue) or 36 ways (finalize kernels)
-        launch.tuning.update(stats=stats, block=(2, 16, 4), programs={"merge": 3, "finalize": 64}[stats])
+    else:  # small tiles, 4 channel blocks of 36 tiles: 3 splits (merged in the prologue) or 12 (finalize kernels)
+        launch.tuning.update(stats=stats, block=(2, 16, 4), programs={"merge": 12, "finalize": 64}[stats])
     x = torch.randn(8, 16, 12, 12, device=DEVICE) * 2 + 1
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
@@ -86,7 +86,8 @@ def test_repeated_steps_through_the_cached_launcher(restore, stats, dtype, chann
         for _ in range(3):
             want = _step(theirs, x, dy, "torch")
         _close(first, want, tol)
-    assert launch.plan(x).stats == launch._STATS[stats]
+    p = launch.plan(x)
+    assert p.stats == launch._STATS[stats] and p.splits == {"own": 1, "merge": 3, "finalize": 12}[stats]
     assert any(key[0] is launch.K._normalize_kernel for key in launch._launchers)  # the direct path ran
     assert ours.num_batches_tracked.item() == theirs.num_batches_tracked.item() == 3
     _close((ours.running_mean, ours.running_var), (theirs.running_mean, theirs.running_var), 1e-5)
