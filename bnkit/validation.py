@@ -160,8 +160,8 @@ def check_mask(name: str, x: torch.Tensor, mask) -> torch.Tensor:
 def mask_from_lengths(name: str, x: torch.Tensor, lengths) -> torch.Tensor:
     """Padding mask ``(N, L)`` for a channel-first ``(N, C, L)`` tensor: position l of example n is valid
     when ``l < lengths[n]``. ``lengths`` held on the CPU (a tensor or a list, as ``pack_padded_sequence``
-    wants) are checked against ``0 <= lengths <= L`` without touching the device; lengths on a device
-    cost one host read for that check."""
+    wants) are checked against ``0 <= lengths <= L`` without touching the device and copied to it without
+    a synchronization; lengths on a device cost one host read for that check."""
     if x.dim() != 3:
         raise ValueError(f"{name}: lengths= needs a 3-D input (N, C, L) or (N, L, C) with axis=-1, "
                          f"got {x.dim()}-D input")
@@ -179,4 +179,6 @@ def mask_from_lengths(name: str, x: torch.Tensor, lengths) -> torch.Tensor:
     if values is not None and values.size and (values.min() < 0 or values.max() > x.shape[2]):
         raise ValueError(f"{name}: lengths must be in [0, {x.shape[2]}] (the input's length), got "
                          f"min {int(values.min())}, max {int(values.max())}")
-    return torch.arange(x.shape[2], device=x.device) < lengths.to(x.device).unsqueeze(1)
+    # non_blocking: lengths in pageable host memory are staged at once, without the stream
+    # synchronization a blocking host-to-device copy costs on a GPU
+    return torch.arange(x.shape[2], device=x.device) < lengths.to(x.device, non_blocking=True).unsqueeze(1)

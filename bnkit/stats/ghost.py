@@ -88,7 +88,11 @@ def ghost_statistics(name: str, x: torch.Tensor, virtual_batch_size: int):
             f"{tuple(x.shape)}) into chunks {sizes}; the last chunk has one value per channel, whose statistics "
             f"are undefined. Use a batch size divisible by {virtual_batch_size}, or: {SINGLE_VALUE_FIXES}.")
     mean, var = ghost_moments(x, virtual_batch_size)
-    counts = torch.tensor(sizes, device=x.device)
+    # filled on the device: torch.tensor(sizes, device=...) is a host-to-device copy from pageable
+    # memory, which synchronizes the stream on a GPU and which a CUDA graph cannot capture
+    counts = torch.full((len(sizes),), virtual_batch_size, dtype=torch.int64, device=x.device)
+    if sizes[-1] != virtual_batch_size:
+        counts[-1:].fill_(sizes[-1])
     pooled = pooled_moments(mean.detach(), var.detach(), counts * per_sample)
     # output_size: no device-to-host sync to learn the length on the GPU.
     expand = {"dim": 0, "output_size": x.shape[0]}

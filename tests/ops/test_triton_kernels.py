@@ -235,6 +235,29 @@ def test_grad_output_with_other_layout_and_noncontiguous_input(interpreter):
         _close(a, b, 1e-5)
 
 
+@pytest.mark.parametrize("view", ["channel slice", "channels_last channel slice", "batch slice", "expanded"])
+def test_input_that_is_not_dense(tiles, view):
+    # Spatial dimensions that flatten but gaps (or overlaps) between elements: the output, allocated like
+    # the input, gets contiguous strides, so the kernels must not write it with the input's (they wrote
+    # past its end: heap corruption under the interpreter, out-of-bounds stores on a GPU).
+    base = torch.randn(6, 6, 4, 3)
+    x = {"channel slice": lambda: base[:, 1:4],
+         "channels_last channel slice": lambda: base.contiguous(memory_format=torch.channels_last)[:, 1:4],
+         "batch slice": lambda: base[::2, :3],
+         "expanded": lambda: base[:1, :3].expand(4, 3, 4, 3)}[view]()
+    before = base.clone()
+    ours, theirs = _pair(bnkit.BatchNorm2d, 3, activation="relu")
+    dy = torch.randn(x.shape)
+    for a, b in zip(_run(ours, x, dy, "triton"), _run(theirs, x, dy, "torch")):
+        _close(a, b, 1e-5)
+    ours.eval(), theirs.eval()
+    for a, b in zip(_run(ours, x, dy, "triton"), _run(theirs, x, dy, "torch")):
+        _close(a, b, 1e-5)
+    assert torch.equal(base, before)
+    dense = x.contiguous()
+    assert launch.as_ncl(x).is_contiguous() and launch.as_ncl(dense) is dense  # the fake implementations' layout
+
+
 @pytest.mark.parametrize("activation", ["identity", "leaky_relu"])
 def test_memory_efficient_mode(tiles, activation):
     x, dy = torch.randn(3, 4, 5, 3) * 2 - 1, torch.randn(3, 4, 5, 3)
@@ -474,12 +497,36 @@ def test_launch_arguments_follow_each_kernels_signature(tiles, monkeypatch):
                          K._finalize_sums_kernel, K._grad_input_kernel}
 
 
+def test_float_arguments_reach_the_kernels_as_floats(tiles, monkeypatch):
+    # Triton specializes an int argument (1 becomes a compiled-in constant, 0 an i32) but not a float, and
+    # the compiled launcher is reused by plan and pointer signature only: an int eps=1 compiled first
+    # would be used for eps=1e-5 afterwards on a GPU. The layers accept int eps, as torch.nn does.
+    seen = []
+    real = launch._launch
+
+    def recording(kernel, grid, key, args, consts, num_warps):
+        seen.extend((name, value) for name, value in zip(kernel.arg_names, args) if name in ("eps", "slope", "count"))
+        return real(kernel, grid, key, args, consts, num_warps)
+
+    monkeypatch.setattr(launch, "_launch", recording)
+    ours, theirs = _pair(bnkit.BatchNorm2d, 3, eps=1, activation=torch.nn.LeakyReLU(0))
+    x, dy = torch.randn(4, 3, 5, 5), torch.randn(4, 3, 5, 5)
+    for got, want in zip(_run(ours, x, dy, "triton"), _run(theirs, x, dy, "torch")):
+        _close(got, want, 1e-5)
+    _run(ours.eval(), x, dy, "triton")
+    launch.backward(dy, x, torch.zeros(3), torch.ones(3), None, None, 0, False, "leaky_relu", 0, False)
+    assert {name for name, _ in seen} == {"eps", "slope", "count"}
+    assert all(type(value) is float for _, value in seen), seen
+
+
 def test_compiled_launcher_reused_only_for_the_same_key(interpreter, monkeypatch):
     calls = []
 
-    class Compiled:  # what Triton's JIT entry returns on a GPU
+    class Compiled:  # what Triton's JIT entry returns on a GPU (CompiledKernel, Triton 3.x)
         def __getitem__(self, grid):
-            return lambda *args: calls.append(("compiled", grid, args))
+            def runner(*args):  # like CompiledKernel.__getitem__'s runner: grid[0], grid[1], grid[2] as given
+                calls.append(("compiled", (grid[0], grid[1], grid[2]), args))
+            return runner
 
     class Kernel:
         def __getitem__(self, grid):
@@ -495,10 +542,14 @@ def test_compiled_launcher_reused_only_for_the_same_key(interpreter, monkeypatch
     launch._launch(kernel, (2, 3), ("plan", "sig"), (11, 21), consts, 4)
     launch._launch(kernel, (2, 3), ("plan", "other sig"), (12, 22), consts, 4)
     launch._launch(kernel, (2, 3), ("plan", "sig"), (13, 23), (("A", 2), ("B", False)), 4)
+    launch._launch(kernel, (5,), ("plan", "sig"), (14, 24), consts, 4)  # the finalize kernels' 1-D grid
+    launch._launch(kernel, (5,), ("plan", "sig"), (15, 25), consts, 4)
     assert calls == [("jit", (2, 3), (10, 20), {"A": 2, "B": True, "num_warps": 4}),
-                     ("compiled", (2, 3), (11, 21, 2, True)),
+                     ("compiled", (2, 3, 1), (11, 21, 2, True)),
                      ("jit", (2, 3), (12, 22), {"A": 2, "B": True, "num_warps": 4}),
-                     ("jit", (2, 3), (13, 23), {"A": 2, "B": False, "num_warps": 4})]
+                     ("jit", (2, 3), (13, 23), {"A": 2, "B": False, "num_warps": 4}),
+                     ("jit", (5,), (14, 24), {"A": 2, "B": True, "num_warps": 4}),
+                     ("compiled", (5, 1, 1), (15, 25, 2, True))]
     # the pointer signature: dtype and 16-byte alignment, as Triton specializes them
     x = torch.zeros(8)
     assert launch._signature(x, None, x[1:], x[4:].half()) == (

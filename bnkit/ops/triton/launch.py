@@ -56,6 +56,17 @@ def _flat_stride(shape: tuple, stride: tuple) -> int | None:
     return dims[-1][1] if dims else 1
 
 
+def _dense(shape: tuple, stride: tuple) -> bool:
+    """Non-overlapping and dense (some permutation of a contiguous layout): only then does
+    ``torch.empty_like`` give the output the input's strides, which the kernels write it with."""
+    expected = 1
+    for st, size in sorted((st, size) for size, st in zip(shape, stride) if size > 1):
+        if st != expected:
+            return False
+        expected *= size
+    return True
+
+
 def _max_offset(shape: tuple, stride: tuple) -> int:
     return sum((size - 1) * abs(st) for size, st in zip(shape, stride))
 
@@ -94,10 +105,11 @@ def _sm_count(index: int | None) -> int:
 @functools.lru_cache(maxsize=4096)
 def _plan(shape: tuple, stride: tuple, other_stride: tuple | None, device: torch.device, tuned: tuple) -> Plan | None:
     """The plan for an ``(N, C, *)`` tensor, or None when its spatial dimensions do not flatten to one
-    stride (the caller copies it). ``other_stride``: the gradient's strides (backward), same shape."""
+    stride or it is not dense (the caller copies it). ``other_stride``: the gradient's strides
+    (backward, same shape; read only, so it need not be dense)."""
     sL = _flat_stride(shape, stride)
     dL = _flat_stride(shape, other_stride) if other_stride is not None else 1
-    if sL is None or dL is None:
+    if sL is None or dL is None or not _dense(shape, stride):
         return None
     N, C = shape[0], shape[1]
     L = math.prod(shape[2:])
@@ -134,13 +146,14 @@ def plan(x: torch.Tensor, dy: torch.Tensor | None = None) -> Plan:
 
 def prepare(x: torch.Tensor, dy: torch.Tensor | None = None):
     """``(x, dy, plan)``; a tensor whose spatial dimensions do not flatten to one stride is copied
-    (contiguous) first. The plan lookup is the only work in the common case."""
+    (contiguous) first, and so is an ``x`` that is not dense (a channel slice, an expanded tensor: the
+    output, allocated like ``x``, would not get its strides). The plan lookup is the only work in the
+    common case."""
     tuned = tuple(tuning.values())
     dstride = None if dy is None else dy.stride()
     p = _plan(x.shape, x.stride(), dstride, x.device, tuned)
     if p is None:
-        if _flat_stride(x.shape, x.stride()) is None:
-            x = x.contiguous()
+        x = as_ncl(x)
         if dy is not None and _flat_stride(dy.shape, dstride) is None:
             dy = dy.contiguous()
         p = _plan(x.shape, x.stride(), None if dy is None else dy.stride(), x.device, tuned)
@@ -148,9 +161,10 @@ def prepare(x: torch.Tensor, dy: torch.Tensor | None = None):
 
 
 def as_ncl(x: torch.Tensor) -> torch.Tensor:
-    """``x`` itself when its spatial dimensions flatten to one stride, else a contiguous copy
-    (the layout of the outputs: fake implementations use it)."""
-    return x if _flat_stride(x.shape, x.stride()) is not None else x.contiguous()
+    """``x`` itself when it is dense and its spatial dimensions flatten to one stride, else a
+    contiguous copy (the layout of the outputs: fake implementations use it)."""
+    shape, stride = x.shape, x.stride()
+    return x if _flat_stride(shape, stride) is not None and _dense(shape, stride) else x.contiguous()
 
 
 def _signature(*tensors) -> tuple:
@@ -177,7 +191,8 @@ def _launch(kernel, grid, key: tuple, args: tuple, consts: tuple, num_warps: int
         return
     compiled = kernel[grid](*args, **dict(consts), num_warps=num_warps)
     if compiled is not None and not _interpreting():  # the interpreter compiles nothing to reuse
-        _launchers[full_key] = compiled[grid]
+        # the JIT entry pads a short grid with 1s; the compiled kernel's runner reads grid[0..2] as given
+        _launchers[full_key] = compiled[tuple(grid) + (1,) * (3 - len(grid))]
 
 
 def _device_ctx(x: torch.Tensor):
@@ -217,10 +232,13 @@ def train_forward(x, weight, bias, eps: float, activation: str, negative_slope: 
 
 def _normalize(x, y, mean, var, weight, bias, p: Plan, key, eps, activation, negative_slope, stats, partials):
     """The normalize launch; ``stats`` says whether it reads ``mean``/``var``, merges the ``partials``
-    (count, mean, M2) or computes the statistics itself (see ``kernels._normalize_kernel``)."""
+    (count, mean, M2) or computes the statistics itself (see ``kernels._normalize_kernel``).
+
+    ``eps`` and the slope go to the kernels as Python floats: Triton specializes an int argument
+    (1 becomes a compiled-in constant, others i32), which the launcher cache key does not record."""
     _launch(K._normalize_kernel, p.grid, key,
             (x, y, mean, var, weight if weight is not None else mean, bias if bias is not None else mean,
-             *partials, *p.shape_args, *p.strides, *p.tile_args, p.splits, eps, negative_slope),
+             *partials, *p.shape_args, *p.strides, *p.tile_args, p.splits, float(eps), float(negative_slope)),
             (("STATS", stats), ("HAS_W", weight is not None), ("HAS_B", bias is not None),
              ("ACT", K.ACT_CODES[activation])) + p.blocks, p.num_warps)
 
@@ -251,6 +269,7 @@ def backward(dy, saved, mean, var, weight, bias, eps: float, training: bool, act
     w = weight if weight is not None else mean
     b = bias if bias is not None else mean
     key = (p.key, _signature(dy, saved, mean, var, weight, bias))
+    eps, negative_slope = float(eps), float(negative_slope)  # see _normalize
     flags = (("HAS_W", weight is not None), ("HAS_B", bias is not None), ("ACT", K.ACT_CODES[activation]),
              ("FROM_OUTPUT", from_output)) + p.blocks
     with _device_ctx(saved):
