@@ -169,6 +169,17 @@ class BatchNormBase(_TorchBatchNorm):
                               BatchNorm3d: ghost.GhostBatchNorm3d}[type(self)]
             self.virtual_batch_size = size
 
+    def _apply(self, fn, recurse: bool = True):
+        # .to()/.cuda()/.to_empty() move parameters and buffers; the skip counter (not a buffer) follows
+        # the running statistics' device here, so no training step has to copy it there (a copy a CUDA
+        # graph capture refuses). It stays float32 whatever dtype the buffers get: it counts batches.
+        module = super()._apply(fn, recurse)
+        running_mean = self._buffers.get("running_mean")
+        skipped = self._nonfinite_skipped
+        if running_mean is not None and skipped.device != running_mean.device:
+            self._nonfinite_skipped = _skip_counter(running_mean.device, None if skipped.is_meta else skipped)
+        return module
+
     @property
     def memory_efficient(self) -> bool:
         """Triton path, training: keep only the output for backward (In-Place ABN), so the input can

@@ -179,3 +179,21 @@ def test_the_guard_runs_in_every_float_dtype_on_cuda(dtype):
     assert torch.equal(ours.running_mean, before) and ours.num_batches_tracked.item() == 1
     with pytest.warns(RuntimeWarning, match="1 training batch"):
         assert ours.report_nonfinite() == 1
+
+
+def test_the_skip_counter_moves_with_the_module_and_stays_float32():
+    """.to()/.half()/.to_empty() move the counter with the buffers (no copy left for a training step,
+    which a CUDA-graph capture would refuse) and never change its dtype (it counts batches)."""
+    bn = bnkit.BatchNorm2d(3)
+    bn(torch.full((4, 3, 2, 2), float("nan")))
+    bn.half()
+    assert bn._nonfinite_skipped.dtype == torch.float32 and bn.running_mean.dtype == torch.float16
+    bn.to("meta")
+    assert bn._nonfinite_skipped.device.type == "meta"
+    bn.to_empty(device="cpu")
+    assert bn._nonfinite_skipped.device.type == "cpu" and bn._nonfinite_skipped.item() == 0.0
+    bn = bnkit.BatchNorm2d(3)
+    bn(torch.full((4, 3, 2, 2), float("nan")))
+    bn.double()
+    with pytest.warns(RuntimeWarning, match="1 training batch"):
+        assert bn.report_nonfinite() == 1  # the count survives a move
