@@ -75,8 +75,8 @@ class BatchNormBase(_TorchBatchNorm):
             (the name) and ``layer.negative_slope``.
         nonfinite: a batch whose statistics are NaN/Inf: ``"skip"`` its running update (default;
             decided on the device, no host read; skipped batches are counted on the device
-            and reported with a warning at ``.eval()``,
-            ``state_dict()`` or :func:`bnkit.nonfinite_report`), ``"raise"`` (an error at once,
+            and reported with a warning at ``.eval()`` or by :func:`bnkit.nonfinite_report`;
+            ``state_dict()`` reads nothing, EMA helpers call it every step), ``"raise"`` (an error at once,
             buffers unchanged; one host read per training call) or ``"propagate"`` (torch's behaviour).
         axis: the channel dimension (default 1; ``-1`` takes ``(N, L, C)`` input without transposes).
         single_sample: one value per channel in training: ``"raise"`` (default, the message names the
@@ -500,7 +500,7 @@ class BatchNormBase(_TorchBatchNorm):
 
     def report_nonfinite(self, reset: bool = True) -> int:
         """How many training batches the non-finite guard skipped since the last report; warns when
-        any were. This reads one value from the device (``.eval()`` and ``state_dict()`` call it)."""
+        any were. This reads one value from the device (``.eval()`` calls it)."""
         skipped = self._nonfinite_skipped
         if skipped.device.type == "meta" or torch.compiler.is_compiling():
             return 0
@@ -640,8 +640,9 @@ def _same(a, b) -> bool:
 
 
 def _record_conventions(module, state_dict, prefix, local_metadata) -> None:
+    # No report of skipped batches here: timm's ModelEmaV2 and the like call state_dict() every
+    # step, and a report reads a value back from the device.
     local_metadata[_METADATA_KEY] = _conventions(module)
-    module.report_nonfinite()
 
 
 def _register_state_dict_post_hook(module: torch.nn.Module, hook) -> None:

@@ -197,3 +197,19 @@ def test_the_skip_counter_moves_with_the_module_and_stays_float32():
     bn.double()
     with pytest.warns(RuntimeWarning, match="1 training batch"):
         assert bn.report_nonfinite() == 1  # the count survives a move
+
+
+def test_an_ema_update_through_state_dict_reads_nothing():
+    """timm's ModelEmaV2 zips two state_dict()s every step: that must not read the skip counters."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), bnkit.BatchNorm2d(4), torch.nn.ReLU())
+    ema = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), bnkit.BatchNorm2d(4), torch.nn.ReLU())
+    model(torch.full((2, 3, 5, 5), float("nan")))  # one skipped batch waiting to be reported
+
+    def ema_step():
+        with torch.no_grad():
+            for e, m in zip(ema.state_dict().values(), model.state_dict().values()):
+                e.copy_(e * 0.9 + m * 0.1 if e.is_floating_point() else m)
+
+    assert _count(ema_step) == []
+    with pytest.warns(RuntimeWarning, match="1 training batch"):
+        assert bnkit.nonfinite_report(model) == {"1": 1}

@@ -198,7 +198,7 @@ def test_nonfinite_batch_skipped_like_torch_path(interpreter):
     x = torch.randn(2, 3, 2, 2)
     x[0, 1, 0, 0] = float("nan")
     backend.set_backend("triton")
-    y = ours(x)  # skipped on the device; reported when the host reads (eval, state_dict, nonfinite_report)
+    y = ours(x)  # skipped on the device; reported when the host reads (eval, nonfinite_report)
     backend.set_backend(None)
     assert torch.isnan(y[:, 1]).all() and torch.isfinite(y[:, [0, 2]]).all()
     assert ours.num_batches_tracked.item() == 0
