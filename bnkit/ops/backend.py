@@ -5,7 +5,8 @@ read when no backend was set in code):
 
 * ``"auto"`` (default): the Triton kernels for a CUDA tensor only where a measured table shipped with
   bnkit (:mod:`bnkit.ops.kernel_table`: device, date, command, rows) says they beat torch's own
-  kernel by at least 10% (large NCHW training, large eval), or when the layer asks for
+  kernel by at least 10% (large NCHW training, large eval) on a GPU of the capability it was
+  measured on, or when the layer asks for
   ``memory_efficient=True`` in training (only the kernels can free the input); torch's path otherwise,
   and always for CPU tensors. The decision is cached per shape, strides and dtype and reads nothing
   from the device.
@@ -25,9 +26,9 @@ import os
 
 import torch
 
-from .kernel_table import matching_row
+from .kernel_table import CAPABILITY, matching_row
 
-__all__ = ["BACKENDS", "set_backend", "get_backend", "kernels_for", "auto_uses_kernels"]
+__all__ = ["BACKENDS", "set_backend", "get_backend", "kernels_for", "auto_uses_kernels", "measured_here"]
 
 BACKENDS = ("auto", "torch", "triton")
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -87,6 +88,12 @@ def auto_uses_kernels(shape: tuple, stride: tuple, dtype: torch.dtype, training:
                         math.prod(shape), shape[1]) is not None
 
 
+@functools.lru_cache(maxsize=None)
+def measured_here(device_index: int) -> bool:
+    """Whether the CUDA device is of the compute capability the kernel table was measured on."""
+    return tuple(torch.cuda.get_device_capability(device_index)) == CAPABILITY
+
+
 def kernels_for(x: torch.Tensor, training: bool, memory_efficient: bool = False):
     """The module of Triton ops to run ``x`` with, or None for the torch path.
 
@@ -97,8 +104,8 @@ def kernels_for(x: torch.Tensor, training: bool, memory_efficient: bool = False)
     if backend == "torch" or x.dtype not in _KERNEL_DTYPES or x.numel() == 0:
         return None
     if backend == "auto":
-        if not x.is_cuda or not ((memory_efficient and training)
-                                 or auto_uses_kernels(x.shape, x.stride(), x.dtype, training)):
+        if not x.is_cuda or not ((memory_efficient and training) or (
+                measured_here(x.get_device()) and auto_uses_kernels(x.shape, x.stride(), x.dtype, training))):
             return None
         return _triton_ops()
     ops = _triton_ops()

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-__all__ = ["DEVICE", "DATE", "COMMAND", "MIN_SPEEDUP", "Row", "ROWS", "matching_row"]
+__all__ = ["DEVICE", "CAPABILITY", "DATE", "COMMAND", "MIN_SPEEDUP", "Row", "ROWS", "matching_row"]
 
 DEVICE = "one NVIDIA H200 (4.22 TB/s device copy), PyTorch 2.11, Triton 3.6"
+#: The CUDA compute capability the rows were measured on (Hopper: H100, H200). Backend "auto" reads the
+#: table only on GPUs of this capability; other GPUs take torch's kernel until they are measured.
+CAPABILITY = (9, 0)
 DATE = "2026-11-30"
 COMMAND = ("python benchmarks/bench_kernels.py (triton.testing.do_bench medians, BN+ReLU, bnkit at commit 8a0339c "
            "with nonfinite='propagate'); the numbers are in benchmarks/RESULTS.md")

@@ -589,3 +589,14 @@ def test_interface_reads_nothing_back_to_the_host(tiles):
         ops.eval_forward(x, mean, var, weight, bias, 1e-5, "silu", 0.01)
         bool(mean.sum() > 0)  # the counter itself works: this one is a host read
     assert Count.n == 1
+
+
+def test_auto_reads_the_table_only_on_the_gpu_kind_it_was_measured_on(monkeypatch):
+    from bnkit.ops import kernel_table
+    capability = {0: kernel_table.CAPABILITY, 1: (8, 0)}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: capability[index])
+    backend.measured_here.cache_clear()
+    try:
+        assert backend.measured_here(0) and not backend.measured_here(1)
+    finally:
+        backend.measured_here.cache_clear()
