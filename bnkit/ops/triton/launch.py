@@ -173,6 +173,7 @@ def _signature(*tensors) -> tuple:
 
 
 _launchers: dict = {}
+_MAX_LAUNCHERS = 4096  # shapes that vary (sequence lengths) must not grow it without bound: oldest out
 
 
 def _interpreting() -> bool:
@@ -192,6 +193,8 @@ def _launch(kernel, grid, key: tuple, args: tuple, consts: tuple, num_warps: int
     compiled = kernel[grid](*args, **dict(consts), num_warps=num_warps)
     if compiled is not None and not _interpreting():  # the interpreter compiles nothing to reuse
         # the JIT entry pads a short grid with 1s; the compiled kernel's runner reads grid[0..2] as given
+        if len(_launchers) >= _MAX_LAUNCHERS:
+            del _launchers[next(iter(_launchers))]
         _launchers[full_key] = compiled[tuple(grid) + (1,) * (3 - len(grid))]
 
 
