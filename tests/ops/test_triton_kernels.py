@@ -551,6 +551,7 @@ def test_compiled_launcher_reused_only_for_the_same_key(interpreter, monkeypatch
                      ("jit", (5,), (14, 24), {"A": 2, "B": True, "num_warps": 4}),
                      ("compiled", (5, 1, 1), (15, 25, 2, True))]
     monkeypatch.setattr(launch, "_MAX_LAUNCHERS", 3)  # bounded: the oldest launcher goes first
+    launch._launchers.clear()
     for n in range(4):
         launch._launch(kernel, (n + 7,), ("plan", "sig"), (n,), consts, 4)
     assert len(launch._launchers) == 3 and ((kernel, (7,), ("plan", "sig"), consts)) not in launch._launchers
