@@ -452,7 +452,7 @@ class BatchNormBase(_TorchBatchNorm):
         buffers = self._buffers
         running_mean = buffers["running_mean"]
         skipped = self._nonfinite_skipped
-        if skipped.device != running_mean.device and keep is not None:  # moved: .to() moves buffers only
+        if skipped.device != running_mean.device and keep is not None:  # DataParallel replicas, unpickled layers
             skipped = _skip_counter(running_mean.device, None if skipped.is_meta else skipped)
             self._nonfinite_skipped = skipped
         commit(running_mean, buffers["running_var"], buffers.get("num_batches_tracked"), new_mean, new_var, keep,

@@ -18,8 +18,8 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["ema", "nonfinite_flag", "finite", "stored_variance", "enough_values", "candidates", "commit", "updated", "RunningStats",
-           "update_running_stats"]
+__all__ = ["ema", "nonfinite_flag", "finite", "stored_variance", "enough_values", "candidates", "commit", "updated",
+           "RunningStats", "update_running_stats"]
 
 
 def nonfinite_flag(*tensors: torch.Tensor) -> torch.Tensor:
