@@ -504,16 +504,19 @@ class BatchNormBase(_TorchBatchNorm):
         skipped = self._nonfinite_skipped
         if skipped.device.type == "meta" or torch.compiler.is_compiling():
             return 0
-        count = int(skipped)
+        return self._reported(int(skipped), reset)
+
+    def _reported(self, count: int, reset: bool) -> int:
+        """Warn about ``count`` skipped batches (read from the counter by the caller) and reset it."""
         if count:
             warnings.warn(f"{self.layer_name}: {count} training batch(es) since the last report had NaN/Inf batch "
                           f"statistics or fewer than 2 valid values per channel and were skipped: the running "
                           f"statistics and num_batches_tracked are unchanged by them (nonfinite='skip'). Check "
                           f"the input and the learning rate; nonfinite='raise' stops at the first one.",
-                          RuntimeWarning, stacklevel=3)
+                          RuntimeWarning, stacklevel=4)
             if reset:
                 with torch.no_grad():
-                    skipped.zero_()
+                    self._nonfinite_skipped.zero_()
         return count
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
@@ -569,14 +572,20 @@ class BatchNormBase(_TorchBatchNorm):
 
 def nonfinite_report(model: torch.nn.Module, reset: bool = True) -> dict:
     """``{qualified name: batches skipped}`` for every bnkit layer in ``model`` whose non-finite guard
-    skipped batches since the last report; each such layer also warns. Reads one value per layer
-    from the device: call it where a sync is fine (end of an epoch, before a checkpoint)."""
-    report = {}
+    skipped batches since the last report; each such layer also warns. Reads the counters back in one
+    transfer per device: call it where a sync is fine (end of an epoch, before a checkpoint)."""
+    by_device: dict = {}
     for name, m in model.named_modules():
-        if isinstance(m, BatchNormBase):
-            count = m.report_nonfinite(reset)
-            if count:
-                report[name] = count
+        if isinstance(m, BatchNormBase) and m._nonfinite_skipped.device.type != "meta":
+            by_device.setdefault(m._nonfinite_skipped.device, []).append((name, m))
+    report = {}
+    if torch.compiler.is_compiling():
+        return report
+    for layers in by_device.values():
+        counts = torch.stack([m._nonfinite_skipped for _, m in layers]).tolist()
+        for (name, m), count in zip(layers, counts):
+            if m._reported(int(count), reset):
+                report[name] = int(count)
     return report
 
 

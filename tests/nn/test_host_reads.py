@@ -213,3 +213,12 @@ def test_an_ema_update_through_state_dict_reads_nothing():
     assert _count(ema_step) == []
     with pytest.warns(RuntimeWarning, match="1 training batch"):
         assert bnkit.nonfinite_report(model) == {"1": 1}
+
+
+def test_the_model_report_reads_the_counters_once():
+    model = torch.nn.Sequential(*(bnkit.BatchNorm1d(3) for _ in range(5)))
+    model(torch.full((4, 3), float("nan")))
+    with pytest.warns(RuntimeWarning, match="1 training batch"):
+        # no scalar read per layer (5 here before): the counters come back in one tolist() per device
+        assert _count(lambda: bnkit.nonfinite_report(model)) == []
+    assert bnkit.nonfinite_report(model) == {}  # reset
