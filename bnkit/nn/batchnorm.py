@@ -501,10 +501,7 @@ class BatchNormBase(_TorchBatchNorm):
     def report_nonfinite(self, reset: bool = True) -> int:
         """How many training batches the non-finite guard skipped since the last report; warns when
         any were. This reads one value from the device (``.eval()`` calls it)."""
-        skipped = self._nonfinite_skipped
-        if skipped.device.type == "meta" or torch.compiler.is_compiling():
-            return 0
-        return self._reported(int(skipped), reset)
+        return nonfinite_report(self, reset).get("", 0)
 
     def _reported(self, count: int, reset: bool) -> int:
         """Warn about ``count`` skipped batches (read from the counter by the caller) and reset it."""
@@ -574,13 +571,13 @@ def nonfinite_report(model: torch.nn.Module, reset: bool = True) -> dict:
     """``{qualified name: batches skipped}`` for every bnkit layer in ``model`` whose non-finite guard
     skipped batches since the last report; each such layer also warns. Reads the counters back in one
     transfer per device: call it where a sync is fine (end of an epoch, before a checkpoint)."""
+    report = {}
+    if torch.compiler.is_compiling():
+        return report
     by_device: dict = {}
     for name, m in model.named_modules():
         if isinstance(m, BatchNormBase) and m._nonfinite_skipped.device.type != "meta":
             by_device.setdefault(m._nonfinite_skipped.device, []).append((name, m))
-    report = {}
-    if torch.compiler.is_compiling():
-        return report
     for layers in by_device.values():
         counts = torch.stack([m._nonfinite_skipped for _, m in layers]).tolist()
         for (name, m), count in zip(layers, counts):

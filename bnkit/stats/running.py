@@ -31,23 +31,34 @@ def nonfinite_flag(*tensors: torch.Tensor) -> torch.Tensor:
     ``torch.func`` transforms (no batching rule for the fused op), for bfloat16 (CUDA's fused op
     lacks it), on devices other than CPU and CUDA, and while a CUDA graph captures the first call
     on a device."""
+    flag = _fused_flag(tensors)
+    return flag if flag is not None else _all_finite(tensors).logical_not().to(torch.float32)
+
+
+def finite(*tensors: torch.Tensor) -> torch.Tensor:
+    """0-d bool tensor: every element of every tensor is finite (no host read)."""
+    flag = _fused_flag(tensors)
+    return flag.logical_not() if flag is not None else _all_finite(tensors)
+
+
+def _all_finite(tensors) -> torch.Tensor:
+    keep = torch.isfinite(tensors[0]).all()
+    for t in tensors[1:]:
+        keep = keep & torch.isfinite(t).all()
+    return keep
+
+
+def _fused_flag(tensors) -> torch.Tensor | None:
+    """The fused check's flag, or None where only the ``isfinite`` form works (see nonfinite_flag)."""
     one = _ONE.get(tensors[0].device)
     if one is None:
         one = _one(tensors[0].device)
     if one is None or torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active() or any(
             t.dtype not in _FUSED_DTYPES for t in tensors):
-        keep = torch.isfinite(tensors[0]).all()
-        for t in tensors[1:]:
-            keep = keep & torch.isfinite(t).all()
-        return keep.logical_not().to(torch.float32)
+        return None
     flag = torch.zeros_like(one)
     torch._amp_foreach_non_finite_check_and_unscale_(list(tensors), flag, one)
     return flag
-
-
-def finite(*tensors: torch.Tensor) -> torch.Tensor:
-    """0-d bool tensor: every element of every tensor is finite (no host read)."""
-    return nonfinite_flag(*tensors).logical_not()
 
 
 _ONE: dict = {}
