@@ -1,0 +1,89 @@
+"""Findings of review 17, each against torch.nn or float64 (xfail(strict) where bnkit is wrong today).
+
+The CPU ``(N, C)`` route of ``_train_aten`` shifts the input by its first row (``x - x[0]``) in the
+*input's* dtype, and ``_aten_update`` gives the kernel ``running_mean - shift`` in the *buffers'*
+dtype. In float16/bfloat16 both roundings are at the scale of the shift, not of the data: outputs
+and running means lose digits torch.nn keeps, and ``x - x[0]`` can overflow float16.
+"""
+import copy
+
+import pytest
+import torch
+
+import bnkit
+
+LOW = [torch.float16, torch.bfloat16]
+
+
+def _batch_norm64(x):
+    x = x.double()
+    return (x - x.mean(0)) / torch.sqrt(x.var(0, unbiased=False) + 1e-5)
+
+
+@pytest.mark.xfail(strict=True, reason="CPU (N, C) shift: x - x[0] rounds in float16/bfloat16 (mixed-dtype layer)")
+@pytest.mark.parametrize("dtype", LOW)
+def test_low_precision_2d_input_float32_layer_matches_torch(dtype):
+    """The 4-D twin of this test (test_half_input_float32_stats_match_torch) passes: only (N, C) shifts."""
+    torch.manual_seed(0)
+    x = (torch.randn(64, 4) * 2 + 3).to(dtype)
+    ours, theirs = bnkit.BatchNorm1d(4), torch.nn.BatchNorm1d(4)
+    y, y_ref = ours(x), theirs(x)
+    exact = x.double().mean(0) * 0.1
+    torch_err = (theirs.running_mean.double() - exact).abs().max().item()
+    ours_err = (ours.running_mean.double() - exact).abs().max().item()
+    assert torch_err < 1e-7  # measured ~2e-8 (a running mean ~0.3)
+    assert ours_err < 1e-6  # bnkit, seeds 0-2: float16 7e-6 to 4e-5, bfloat16 1e-4 to 3e-4
+    truth = _batch_norm64(x)
+    assert (y.double() - truth).abs().max() <= 2 * (y_ref.double() - truth).abs().max()
+
+
+@pytest.mark.xfail(strict=True, reason="CPU (N, C) shift: running_mean - x[0] rounds at the shift's scale in the "
+                                       "buffers' low-precision dtype (a bfloat16 running mean of 1.56 comes out 0)")
+@pytest.mark.parametrize("dtype", LOW)
+def test_low_precision_2d_layer_running_mean_with_a_large_first_row(dtype):
+    torch.manual_seed(0)
+    x = torch.randn(64, 4)
+    x[0] = 1000.0  # one outlying sample first in the batch; the batch mean is ~15.6
+    x = x.to(dtype)
+    ours, theirs = bnkit.BatchNorm1d(4).to(dtype), torch.nn.BatchNorm1d(4).to(dtype)
+    ours(x), theirs(x)
+    exact = x.double().mean(0) * 0.1  # ~1.56; torch.nn: within one ulp of it
+    ulp = torch.finfo(dtype).eps * exact.abs()
+    assert ((theirs.running_mean.double() - exact).abs() <= ulp).all()
+    # bnkit: float16 1.5 (4 ulps off), bfloat16 0.0
+    assert ((ours.running_mean.double() - exact).abs() <= 2 * ulp).all()
+
+
+@pytest.mark.xfail(strict=True, reason="CPU (N, C) shift: x - x[0] overflows float16 (inf - inf: NaN output, the "
+                                       "batch skipped) where torch.nn's float accumulation is finite")
+@pytest.mark.parametrize("float32_layer", [True, False])
+def test_float16_2d_input_whose_range_exceeds_float16_max(float32_layer):
+    x = torch.tensor([[4e4], [-4e4], [0.0], [1.0]], dtype=torch.float16)  # every value finite, differences not
+    ours, theirs = bnkit.BatchNorm1d(1), torch.nn.BatchNorm1d(1)
+    if not float32_layer:
+        ours.half(), theirs.half()
+    y, y_ref = ours(x), theirs(x)
+    assert torch.isfinite(y_ref).all()
+    assert torch.isfinite(y).all()  # bnkit: all NaN
+    assert ours.num_batches_tracked.item() == 1  # bnkit: 0, counted as a skipped batch
+
+
+@pytest.mark.xfail(strict=True, reason="torch.where(..., out=buffer) has no vmap batching rule (and the skip counter "
+                                       "is not batched): torch.func's model-ensembling recipe fails for bnkit layers")
+def test_vmap_model_ensemble_as_torch_nn():
+    """torch.func's documented ensembling recipe (stack_module_state + functional_call + vmap) trains a
+    stack of torch.nn batch norms, each updating its own (batched) running statistics."""
+    from torch.func import functional_call, stack_module_state, vmap
+    torch.manual_seed(0)
+    x = torch.randn(3, 8, 2, 4, 4)
+    results = []
+    for cls in (torch.nn.BatchNorm2d, bnkit.BatchNorm2d):
+        models = [cls(2) for _ in range(3)]
+        params, buffers = stack_module_state(models)
+        base = copy.deepcopy(models[0]).to("meta")
+        y = vmap(lambda p, b, xb: functional_call(base, (p, b), (xb,)))(params, buffers, x)
+        results.append((y, buffers))
+    (y_ref, b_ref), (y, b) = results
+    torch.testing.assert_close(y, y_ref)
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(b[name], b_ref[name])
