@@ -87,3 +87,20 @@ def test_vmap_model_ensemble_as_torch_nn():
     torch.testing.assert_close(y, y_ref)
     for name in ("running_mean", "running_var", "num_batches_tracked"):
         torch.testing.assert_close(b[name], b_ref[name])
+
+
+@pytest.mark.xfail(strict=True, reason="torch's CPU kernel takes its E[x^2] - E[x]^2 path for every input with one "
+                                       "value per sample and channel, not only 2-D; bnkit shifts only x.dim() == 2")
+@pytest.mark.parametrize("shape,make", [((8192, 2, 1), bnkit.BatchNorm1d), ((8192, 2, 1, 1), bnkit.BatchNorm2d),
+                                        ((8192, 2, 1, 1, 1), bnkit.BatchNorm3d)])
+def test_large_mean_spatial_size_one_is_as_stable_as_2d(shape, make):
+    """(N, C, 1, 1) is what a global pooling (squeeze-excitation, heads) feeds a BatchNorm2d; in memory it
+    is the (N, C) input test_routes.py::test_large_mean_statistics_are_stable_where_torch_cpu_cancels covers."""
+    torch.manual_seed(0)
+    x = (torch.randn(*shape, dtype=torch.float64) + 1e6).float()
+    layer = make(2, momentum=1.0)
+    y = layer(x)
+    flat = x.reshape(shape[0], 2).double()
+    truth = flat.var(0)
+    assert ((layer.running_var.double() - truth).abs() / truth).max() < 1e-3  # bnkit: ~9e2, as torch.nn
+    assert (y.reshape(shape[0], 2).double() - _batch_norm64(flat)).abs().max() < 1e-3  # bnkit: ~5
