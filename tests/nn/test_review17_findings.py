@@ -135,3 +135,15 @@ def test_training_step_under_fake_tensor_mode_as_torch_nn(first, monkeypatch):
     else:
         fake()
         assert eager() == 1  # bnkit: AssertionError (the cached FakeTensor in a real step)
+
+
+@pytest.mark.xfail(strict=True, reason="the cumulative-average error comes from bnkit.stats.running._factor without "
+                                       "the layer's name (house rule: errors name the layer)")
+def test_cumulative_momentum_without_num_batches_tracked_names_the_layer():
+    """torch.nn silently keeps the statistics (factor 0) here; bnkit refuses, buffers unchanged, but the
+    message does not say which layer."""
+    layer = bnkit.BatchNorm1d(3, momentum=None)
+    layer.num_batches_tracked = None  # as after loading into a layer built with it deleted, or by a user
+    with pytest.raises(ValueError, match=r"BatchNorm1d\(3\)"):
+        layer(torch.randn(8, 3, 4))
+    assert torch.equal(layer.running_mean, torch.zeros(3))
