@@ -147,3 +147,21 @@ def test_cumulative_momentum_without_num_batches_tracked_names_the_layer():
     with pytest.raises(ValueError, match=r"BatchNorm1d\(3\)"):
         layer(torch.randn(8, 3, 4))
     assert torch.equal(layer.running_mean, torch.zeros(3))
+
+
+@pytest.mark.xfail(strict=True, reason="the aten route's guard checks the new running values in the buffers' dtype, "
+                                       "the composed routes check the batch statistics: a float16 layer whose EMA "
+                                       "overflows float16 skips the batch on one route and stores inf on the other")
+def test_float16_running_variance_overflow_is_one_decision_on_every_route():
+    """Batch statistics finite (float32 accumulation), the float16 running variance not (std ~1000):
+    torch.nn stores inf and counts the batch. bnkit's plain route skips it (and its warning, or
+    nonfinite='raise''s error, says the *batch statistics* are NaN/Inf); with an all-True mask, the same
+    layer on the same data stores inf like torch.nn."""
+    torch.manual_seed(0)
+    x = (torch.randn(8, 2, 3) * 1000).half()
+    plain, masked = bnkit.BatchNorm1d(2).half(), bnkit.BatchNorm1d(2).half()
+    plain(x)
+    masked(x, mask=torch.ones(8, 3, dtype=torch.bool))
+    assert masked.num_batches_tracked.item() == 1 and torch.isinf(masked.running_var).all()  # as torch.nn
+    assert plain.num_batches_tracked.item() == masked.num_batches_tracked.item()  # plain: 0 (skipped)
+    assert torch.equal(plain.running_var, masked.running_var)  # plain: [1, 1]
