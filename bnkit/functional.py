@@ -38,7 +38,7 @@ import torch
 
 from .ops import normalize, normalize_running, resolve_activation
 from .stats import Moments, accumulation_dtype, batch_moments, example_weighted_moments, masked_moments
-from .stats.running import RunningStats, enough_values, finite, stored_variance, updated
+from .stats.running import RunningStats, candidates, enough_values, finite, stored_variance, updated
 from .validation import (NONFINITE_POLICIES, SINGLE_SAMPLE_POLICIES, VARIANCE_KINDS, channel_back, channel_first,
                          check_batch_size, check_choice, check_eps, check_input, check_mask, check_momentum,
                          mask_from_lengths, nonfinite_message, refuse_removed)
@@ -50,21 +50,21 @@ __all__ = ["batch_norm", "batch_norm_stateless", "fold_moments", "mask_from_leng
 _REMOVED = ("negative_slope",)
 
 
-def _keep(mean, var, n, nonfinite: str):
-    """Device-side condition for taking this batch: finite statistics (unless ``"propagate"``) and, for
-    masked batches (``n`` a tensor), at least 2 valid values."""
-    keep = None if nonfinite == "propagate" else finite(mean, var)
+def _keep(new_mean, new_var, n, nonfinite: str):
+    """Device-side condition for taking this batch: finite running statistics after it (unless
+    ``"propagate"``; as the layers decide) and, for masked batches (``n`` a tensor), at least 2 valid values."""
+    keep = None if nonfinite == "propagate" else finite(new_mean, new_var)
     enough = enough_values(n)
     if enough is not None:
         keep = enough if keep is None else keep & enough
     return keep
 
 
-def _report(name: str, mean, var, keep, nonfinite: str) -> None:
+def _report(name: str, new_mean, new_var, keep, nonfinite: str) -> None:
     """The functional form's immediate report (it has no counter): one host read."""
     if keep is None or nonfinite == "propagate" or torch.compiler.is_compiling() or bool(keep):
         return
-    bad = (~(torch.isfinite(mean) & torch.isfinite(var))).nonzero().flatten().tolist()
+    bad = (~(torch.isfinite(new_mean) & torch.isfinite(new_var))).nonzero().flatten().tolist()
     if not bad:  # finite but too few valid values (mask)
         warnings.warn(f"{name}: fewer than 2 valid values per channel; the running statistics were left "
                       f"unchanged.", RuntimeWarning, stacklevel=4)
@@ -81,11 +81,11 @@ def _updated(name: str, mean: torch.Tensor, var: torch.Tensor, n, running_mean, 
     """``(new_running_stats, report)``: one batch's ``(mean, biased var)`` over ``n`` values folded into
     the running statistics out of place (``n=None``: ``var`` is already the estimate to store);
     ``report()`` tells the caller about a skipped batch (it reads the host)."""
-    mean, var = mean.detach(), var.detach()
-    keep = _keep(mean, var, n, nonfinite)
-    new = updated(running_mean, running_var, num_batches_tracked, mean, stored_variance(var, n, variance == "unbiased"),
-                  momentum, keep)
-    return new, lambda: _report(name, mean, var, keep, nonfinite)
+    new_mean, new_var = candidates(running_mean, running_var, num_batches_tracked, mean.detach(),
+                                   stored_variance(var.detach(), n, variance == "unbiased"), momentum)
+    keep = _keep(new_mean, new_var, n, nonfinite)
+    new = updated(running_mean, running_var, num_batches_tracked, new_mean, new_var, keep)
+    return new, lambda: _report(name, new_mean, new_var, keep, nonfinite)
 
 
 def fold_moments(moments: Moments, running_mean: torch.Tensor, running_var: torch.Tensor,

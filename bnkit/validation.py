@@ -74,8 +74,9 @@ def refuse_removed(name: str, removed: dict, applicable=tuple(REMOVED_KEYWORDS))
 
 
 def nonfinite_message(name: str, bad_channels: list) -> str:
-    return (f"{name}: batch statistics are NaN/Inf in channel(s) {bad_channels[:10]}"
-            f"{' ...' if len(bad_channels) > 10 else ''}; ")
+    return (f"{name}: this batch would make the running statistics NaN/Inf in channel(s) {bad_channels[:10]}"
+            f"{' ...' if len(bad_channels) > 10 else ''} (NaN/Inf in the batch, a batch variance beyond the "
+            f"buffers' dtype, or running statistics that already are NaN/Inf); ")
 
 
 def channel_first(name: str, x, axis: int, check_dim=None):

@@ -180,6 +180,14 @@ class BatchNormBase(_TorchBatchNorm):
             self._nonfinite_skipped = _skip_counter(running_mean.device, None if skipped.is_meta else skipped)
         return module
 
+    def reset_running_stats(self) -> None:
+        """torch's reset, and the skipped-batch count with it (skips before a reset are not this run's)."""
+        super().reset_running_stats()
+        skipped = self.__dict__.get("_nonfinite_skipped")  # None while torch's __init__ calls this
+        if skipped is not None:
+            with torch.no_grad():
+                skipped.zero_()
+
     @property
     def memory_efficient(self) -> bool:
         """Triton path, training: keep only the output for backward (In-Place ABN), so the input can
@@ -312,10 +320,13 @@ class BatchNormBase(_TorchBatchNorm):
         """torch's own fused training kernel; the running update happens on a scratch copy that the
         guard then commits on the device (the scratch, not the buffers, is what autograd saves).
 
-        torch's CPU kernels for channels_last and ``(N, C)`` input compute the variance as
-        E[x^2] - E[x]^2, which cancels when |mean| >> std; its contiguous kernel does not. So on the
-        CPU channels_last input runs contiguous (the output keeps the input's layout), and ``(N, C)``
-        input is shifted by its first row (batch norm does not change under a per-channel shift).
+        torch's CPU kernels for channels_last input and for input with one value per sample and
+        channel (``(N, C)``, ``(N, C, 1, 1)``, ...) compute the variance as E[x^2] - E[x]^2, which
+        cancels when |mean| >> std; its contiguous kernel does not. So on the CPU channels_last input
+        runs contiguous (the output keeps the input's layout), and float32/float64 input with one value
+        per sample and channel is shifted by its first sample (batch norm does not change under a
+        per-channel shift). Not float16/bfloat16: there ``x - x[0]`` would round at the shift's scale,
+        or overflow, where torch's float32 accumulation does not.
         """
         shift = None
         if x.is_cpu and n > 1:
@@ -323,8 +334,8 @@ class BatchNormBase(_TorchBatchNorm):
             if layout is not None:
                 y = self._train_aten(_Contiguous.apply(x, layout), n, update)
                 return y.contiguous(memory_format=layout)
-            if x.dim() == 2:
-                shift = x[0].detach()
+            if n == x.shape[0] and x.dtype in _SHIFTED_DTYPES:
+                shift = x[0].detach()  # (C, 1, ...): broadcasts over x
                 x = x - shift
         if not update:
             return self._explained(x, self._aten, x, None, None, True, 0.0)
@@ -344,8 +355,8 @@ class BatchNormBase(_TorchBatchNorm):
         buffers = self._buffers
         running_mean, running_var = buffers["running_mean"], buffers["running_var"]
         ema_in_kernel = isinstance(momentum, float)
-        if shift is not None and shift.dtype != running_mean.dtype:
-            shift = shift.to(running_mean.dtype)
+        if shift is not None and (shift.dim() > 1 or shift.dtype != running_mean.dtype):
+            shift = shift.reshape(-1).to(running_mean.dtype)
         if not ema_in_kernel:  # momentum 1 leaves the batch's (mean, unbiased var) in the scratch
             new_mean, new_var = torch.zeros_like(running_mean), torch.zeros_like(running_var)
         elif shift is None:  # torch's own EMA, bit for bit
@@ -353,13 +364,12 @@ class BatchNormBase(_TorchBatchNorm):
         else:  # the kernel sees x - shift: its running mean too
             new_mean, new_var = running_mean - shift, running_var.clone()
         y = self._aten(x, new_mean, new_var, True, momentum if ema_in_kernel else 1.0)
-        checked = (new_mean, new_var)
         if shift is not None:
             new_mean = new_mean + shift
         if not ema_in_kernel:
             new_mean, new_var = candidates(running_mean, running_var, buffers.get("num_batches_tracked"),
                                            new_mean, new_var, momentum)
-        self._commit(new_mean, new_var, checked)
+        self._commit(new_mean, new_var)
         return y
 
     def _composed_train(self, x: torch.Tensor, mask, update: bool) -> torch.Tensor:
@@ -415,6 +425,10 @@ class BatchNormBase(_TorchBatchNorm):
         """The torch-convention momentum for this update: a float, a 0-d tensor (a named schedule,
         on the device) or None (cumulative average, resolved on the device)."""
         if self.momentum_schedule is None:
+            if self.momentum is None and self._buffers.get("num_batches_tracked") is None:
+                raise ValueError(f"{self.layer_name}: momentum=None (cumulative average) counts batches in "
+                                 f"num_batches_tracked, which this layer does not have; restore it "
+                                 f"(layer.num_batches_tracked = torch.tensor(0)) or pass a float momentum")
             return self.momentum
         if isinstance(self.momentum_schedule, momentum_lib.Schedule) and self.num_batches_tracked is not None:
             step = self.num_batches_tracked.to(accumulation_dtype(self.running_mean.dtype)) + 1
@@ -433,17 +447,19 @@ class BatchNormBase(_TorchBatchNorm):
         var = stored_variance(var, n, self.variance == "unbiased")
         new_mean, new_var = candidates(self.running_mean, self.running_var, self.num_batches_tracked, mean, var,
                                        self._momentum_for_update())
-        return self._commit(new_mean, new_var, (mean, var), enough_values(n))
+        return self._commit(new_mean, new_var, enough_values(n))
 
-    def _commit(self, new_mean, new_var, checked: tuple, enough: torch.Tensor | None = None) -> torch.Tensor | None:
-        """The non-finite policy, then the one in-place update (:func:`bnkit.stats.running.commit`).
-        ``checked``: the tensors whose finiteness decides (the batch statistics or the new values)."""
+    def _commit(self, new_mean, new_var, enough: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The non-finite policy, then the one in-place update (:func:`bnkit.stats.running.commit`). On
+        every route the values to store decide: a batch is skipped when it would make the running
+        statistics NaN/Inf (NaN/Inf in the batch, a variance beyond the buffers' dtype, or statistics
+        already NaN/Inf). ``enough``: a masked batch's device-side "at least 2 values"."""
         keep = skip = None
         if self.nonfinite != "propagate":
-            skip = nonfinite_flag(*checked)
+            skip = nonfinite_flag(new_mean, new_var)
             keep = skip.logical_not()
         if self.nonfinite == "raise" and not bool(keep):  # the one policy that reads the host, by design
-            rows = torch.stack([t.reshape(-1, self.num_features) for t in checked]).reshape(-1, self.num_features)
+            rows = torch.stack([new_mean, new_var])
             bad = (~torch.isfinite(rows)).any(0).nonzero().flatten().tolist()
             raise FloatingPointError(nonfinite_message(self.layer_name, bad) + "the running statistics were left "
                                      "unchanged (nonfinite='raise').")
@@ -455,6 +471,10 @@ class BatchNormBase(_TorchBatchNorm):
         if skipped.device != running_mean.device and keep is not None:  # DataParallel replicas, unpickled layers
             skipped = _skip_counter(running_mean.device, None if skipped.is_meta else skipped)
             self._nonfinite_skipped = skipped
+        if torch._C._are_functorch_transforms_active():
+            # torch.func: the counter is no buffer (vmap's ensembling gives it no per-model copy) and a transform
+            # refuses in-place updates of a captured tensor; skipped batches show in num_batches_tracked (README)
+            skipped = None
         commit(running_mean, buffers["running_var"], buffers.get("num_batches_tracked"), new_mean, new_var, keep,
                skipped, skip)
         return keep
@@ -506,10 +526,12 @@ class BatchNormBase(_TorchBatchNorm):
     def _reported(self, count: int, reset: bool) -> int:
         """Warn about ``count`` skipped batches (read from the counter by the caller) and reset it."""
         if count:
-            warnings.warn(f"{self.layer_name}: {count} training batch(es) since the last report had NaN/Inf batch "
-                          f"statistics or fewer than 2 valid values per channel and were skipped: the running "
-                          f"statistics and num_batches_tracked are unchanged by them (nonfinite='skip'). Check "
-                          f"the input and the learning rate; nonfinite='raise' stops at the first one.",
+            warnings.warn(f"{self.layer_name}: {count} training batch(es) since the last report would have made the "
+                          f"running statistics NaN/Inf (NaN/Inf in the batch, a batch variance beyond the buffers' "
+                          f"dtype, or statistics that already were NaN/Inf) or had fewer than 2 valid values per "
+                          f"channel, and were skipped: the running statistics and num_batches_tracked are "
+                          f"unchanged by them (nonfinite='skip'). Check the input and the learning rate; "
+                          f"nonfinite='raise' stops at the first one.",
                           RuntimeWarning, stacklevel=4)
             if reset:
                 with torch.no_grad():
@@ -593,6 +615,9 @@ def _skip_counter(device, count: torch.Tensor | None = None) -> torch.Tensor:
     if count is None:
         return torch.zeros((), dtype=torch.float32, device=device)
     return count.to(device=device if device is not None else count.device, dtype=torch.float32)
+
+
+_SHIFTED_DTYPES = (torch.float32, torch.float64)
 
 
 def _cpu_kernels_forced() -> bool:

@@ -29,8 +29,8 @@ def nonfinite_flag(*tensors: torch.Tensor) -> torch.Tensor:
     and multiplies by 1.0, which changes nothing) instead of ``isfinite(t).all()`` per tensor, five
     dispatches each. The plain ``isfinite`` form under torch.compile (which fuses it), under
     ``torch.func`` transforms (no batching rule for the fused op), for bfloat16 (CUDA's fused op
-    lacks it), on devices other than CPU and CUDA, and while a CUDA graph captures the first call
-    on a device."""
+    lacks it), for tensor subclasses (FakeTensor, ...), on devices other than CPU and CUDA, and while
+    a CUDA graph captures the first call on a device."""
     flag = _fused_flag(tensors)
     return flag if flag is not None else _all_finite(tensors).logical_not().to(torch.float32)
 
@@ -50,6 +50,8 @@ def _all_finite(tensors) -> torch.Tensor:
 
 def _fused_flag(tensors) -> torch.Tensor | None:
     """The fused check's flag, or None where only the ``isfinite`` form works (see nonfinite_flag)."""
+    if type(tensors[0]) is not torch.Tensor:  # a subclass (FakeTensor, DTensor, ...): no cached real 1.0 in it
+        return None
     one = _ONE.get(tensors[0].device)
     if one is None:
         one = _one(tensors[0].device)
@@ -71,7 +73,10 @@ def _one(device: torch.device) -> torch.Tensor | None:
     if device.type not in ("cpu", "cuda", "meta") or torch.compiler.is_compiling() or (
             device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
         return None
-    return _ONE.setdefault(device, torch.ones((), dtype=torch.float32, device=device))
+    one = torch.ones((), dtype=torch.float32, device=device)
+    if type(one) is not torch.Tensor:  # made under a mode (FakeTensorMode): never cached for real steps
+        return None
+    return _ONE.setdefault(device, one)
 
 
 def stored_variance(var: torch.Tensor, n, unbiased: bool) -> torch.Tensor:
@@ -124,10 +129,10 @@ class RunningStats(NamedTuple):
     num_batches_tracked: torch.Tensor | None
 
 
-def updated(running_mean, running_var, num_batches_tracked, mean, var, momentum,
+def updated(running_mean, running_var, num_batches_tracked, new_mean, new_var,
             keep: torch.Tensor | None) -> RunningStats:
-    """Out of place (for ``torch.func``): the statistics after one batch, the old ones where not ``keep``."""
-    new_mean, new_var = candidates(running_mean, running_var, num_batches_tracked, mean, var, momentum)
+    """Out of place (for ``torch.func``): the statistics after one batch, :func:`candidates` ``(new_mean,
+    new_var)`` where ``keep``, the old ones elsewhere; the batch counted where ``keep``."""
     if keep is not None:
         new_mean, new_var = torch.where(keep, new_mean, running_mean), torch.where(keep, new_var, running_var)
     count = None
@@ -150,8 +155,12 @@ def commit(running_mean: torch.Tensor, running_var: torch.Tensor, num_batches_tr
         if num_batches_tracked is not None:
             num_batches_tracked.add_(1)
         return
-    torch.where(keep, new_mean, running_mean, out=running_mean)
-    torch.where(keep, new_var, running_var, out=running_var)
+    if torch._C._are_functorch_transforms_active():  # torch.func: where(out=) has no batching rule
+        running_mean.copy_(torch.where(keep, new_mean, running_mean))
+        running_var.copy_(torch.where(keep, new_var, running_var))
+    else:
+        torch.where(keep, new_mean, running_mean, out=running_mean)
+        torch.where(keep, new_var, running_var, out=running_var)
     if num_batches_tracked is not None:
         num_batches_tracked.add_(keep)
     if skipped is not None:

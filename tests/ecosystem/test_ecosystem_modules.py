@@ -147,3 +147,68 @@ def test_reset_running_stats_and_parameters(ours_cls, theirs_cls, shape):
     ours.reset_parameters(), theirs.reset_parameters()
     _assert_same_state(ours, theirs)
     assert torch.equal(ours.weight, torch.ones(3)) and torch.equal(ours.bias, torch.zeros(3))
+
+
+def test_vmap_model_ensemble_trains_like_torch_nn_and_skips_per_model():
+    """torch.func's ensembling recipe (stack_module_state + functional_call + vmap) in training mode: each
+    model updates its own (batched) running statistics as torch.nn's do; a model whose batch is NaN skips
+    it on its own, the others update (the skip counter is no buffer: under torch.func only
+    num_batches_tracked shows the skip, as the README says)."""
+    from torch.func import functional_call, stack_module_state, vmap
+    torch.manual_seed(0)
+    x = torch.randn(3, 8, 2, 4, 4)
+    results = []
+    for cls in (tnn.BatchNorm2d, bnkit.BatchNorm2d):
+        models = [cls(2) for _ in range(3)]
+        params, buffers = stack_module_state(models)
+        base = copy.deepcopy(models[0]).to("meta")
+        y = vmap(lambda p, b, xb: functional_call(base, (p, b), (xb,)))(params, buffers, x)
+        results.append((y, buffers))
+    (y_ref, b_ref), (y, b) = results
+    torch.testing.assert_close(y, y_ref)
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(b[name], b_ref[name])
+
+    bad = x.clone()
+    bad[1, 0, 0] = float("nan")  # model 1's batch only
+    before = {k: v.clone() for k, v in b.items()}
+    vmap(lambda p, b_, xb: functional_call(base, (p, b_), (xb,)))(params, b, bad)
+    assert b["num_batches_tracked"].tolist() == [2, 1, 2]
+    assert torch.equal(b["running_mean"][1], before["running_mean"][1])
+    assert torch.equal(b["running_var"][1], before["running_var"][1])
+    for i in (0, 2):  # the others: torch's EMA of their own batch
+        ref = tnn.BatchNorm2d(2)
+        ref.running_mean.copy_(before["running_mean"][i]), ref.running_var.copy_(before["running_var"][i])
+        ref(bad[i])
+        torch.testing.assert_close(b["running_mean"][i], ref.running_mean)
+        torch.testing.assert_close(b["running_var"][i], ref.running_var)
+
+
+@pytest.mark.parametrize("first", ["eager", "fake"])
+def test_training_step_under_fake_tensor_mode_as_torch_nn(first, monkeypatch):
+    """Fake-tensor tools (memory and shape estimation) run a training step under FakeTensorMode: a bnkit
+    step works there as torch.nn's does, and changes nothing a later eager step does (the guard's
+    per-device 1.0 is cached for real tensors only)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from bnkit.stats import running
+    monkeypatch.setattr(running, "_ONE", {})  # a fresh process: nothing cached yet
+
+    def eager():
+        layer = bnkit.BatchNorm2d(3)
+        layer(torch.randn(4, 3, 2, 2))
+        return layer.num_batches_tracked.item()
+
+    def fake():
+        with FakeTensorMode():
+            for cls in (tnn.BatchNorm2d, bnkit.BatchNorm2d):
+                layer = cls(3)
+                assert layer(torch.randn(4, 3, 2, 2)).shape == (4, 3, 2, 2)
+
+    if first == "eager":
+        assert eager() == 1
+        fake()
+    else:
+        fake()
+        assert eager() == 1
+    assert all(type(t) is torch.Tensor for t in running._ONE.values())

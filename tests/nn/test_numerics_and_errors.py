@@ -263,3 +263,42 @@ def test_nonfinite_report_names_the_layers_that_skipped():
     with pytest.warns(RuntimeWarning, match=r"BatchNorm2d\(3\): 1 training batch"):
         assert bnkit.nonfinite_report(model) == {"1.0": 1}
     assert bnkit.nonfinite_report(model) == {}  # reset after a report
+    model[1][0](_nan_batch())
+    model[1][0].reset_running_stats()  # a fresh start: earlier skips are not reported after it
+    assert bnkit.nonfinite_report(model) == {}
+
+
+def test_cumulative_momentum_without_num_batches_tracked_names_the_layer():
+    """torch.nn silently keeps the statistics (factor 0) here; bnkit refuses, names the layer, buffers unchanged."""
+    layer = bnkit.BatchNorm1d(3, momentum=None)
+    layer.num_batches_tracked = None  # as after loading into a layer built with it deleted, or by a user
+    for x, mask in ((torch.randn(8, 3, 4), None), (torch.randn(8, 3, 4), torch.ones(8, 4, dtype=torch.bool))):
+        with pytest.raises(ValueError, match=r"BatchNorm1d\(3\): momentum=None .* num_batches_tracked"):
+            layer(x, mask=mask)
+        assert torch.equal(layer.running_mean, torch.zeros(3)) and torch.equal(layer.running_var, torch.ones(3))
+
+
+@pytest.mark.parametrize("route", ["aten", "mask", "biased"])
+def test_a_batch_that_would_make_the_running_statistics_inf_is_one_decision_on_every_route(route):
+    """Batch statistics finite (float32 accumulation), the float16 running variance after the update
+    not (std ~1000: 0.9 + 0.1 * 1e6 > 65504). Every route skips the batch and says why; torch.nn
+    stores inf, which makes every later eval output ~0."""
+    torch.manual_seed(0)
+    x = (torch.randn(8, 2, 3) * 1000).half()
+    theirs = torch.nn.BatchNorm1d(2).half()
+    theirs(x)
+    assert torch.isinf(theirs.running_var).all()  # the premise: torch.nn's update overflows
+    kwargs = {"variance": "biased"} if route == "biased" else {}
+    layer = bnkit.BatchNorm1d(2, **kwargs).half()
+    call = (lambda: layer(x, mask=torch.ones(8, 3, dtype=torch.bool))) if route == "mask" else (lambda: layer(x))
+    y = call()
+    assert torch.isfinite(y).all()
+    assert layer.num_batches_tracked.item() == 0
+    assert torch.equal(layer.running_var, torch.ones(2, dtype=torch.float16))
+    with pytest.warns(RuntimeWarning, match=r"BatchNorm1d\(2\): 1 training batch\(es\) .* would have made the running "
+                                            r"statistics NaN/Inf"):
+        layer.eval()
+    layer.train()
+    layer.nonfinite = "raise"
+    with pytest.raises(FloatingPointError, match=r"would make the running statistics NaN/Inf in channel\(s\) \[0, 1\]"):
+        call()

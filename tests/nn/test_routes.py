@@ -139,3 +139,56 @@ def test_threads_lose_no_update():
         # the cumulative average does not depend on the order, only on every update being there
         assert layer.num_batches_tracked.item() == 600
         torch.testing.assert_close(layer.running_mean, (xs[0].mean(0) + xs[1].mean(0)) / 2, rtol=1e-9, atol=1e-9)
+
+
+def _batch_norm64(x: torch.Tensor) -> torch.Tensor:
+    x = x.double()
+    return (x - x.mean(0)) / torch.sqrt(x.var(0, unbiased=False) + 1e-5)
+
+
+@pytest.mark.parametrize("shape,make", [((8192, 2, 1), bnkit.BatchNorm1d), ((8192, 2, 1, 1), bnkit.BatchNorm2d),
+                                        ((8192, 2, 1, 1, 1), bnkit.BatchNorm3d)])
+def test_large_mean_spatial_size_one_is_as_stable_as_2d(shape, make):
+    """torch's CPU kernel takes its E[x^2] - E[x]^2 path for every input with one value per sample and
+    channel; (N, C, 1, 1) is what a global pooling (squeeze-excitation, heads) feeds a BatchNorm2d. Without
+    the shift: running_var ~9e2 relative off and outputs ~5 off here, as torch.nn."""
+    torch.manual_seed(0)
+    x = (torch.randn(*shape, dtype=torch.float64) + 1e6).float()
+    layer = make(2, momentum=1.0)
+    y = layer(x)
+    flat = x.reshape(shape[0], 2).double()
+    truth = flat.var(0)
+    assert ((layer.running_var.double() - truth).abs() / truth).max() < 1e-3
+    assert (y.reshape(shape[0], 2).double() - _batch_norm64(flat)).abs().max() < 1e-3
+    assert y.shape == x.shape
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_2d_input_is_not_shifted(dtype):
+    """float16/bfloat16 (N, C) input runs torch's kernel unshifted: ``x - x[0]`` in the input's dtype
+    would round at the shift's scale (measured before: running mean error 7e-6..3e-4 where torch.nn's
+    is 2e-8; a bfloat16 running mean of 1.56 stored as 0.0 after a large first row) or overflow."""
+    torch.manual_seed(0)
+    x = (torch.randn(64, 4) * 2 + 3).to(dtype)
+    ours, theirs = bnkit.BatchNorm1d(4), torch.nn.BatchNorm1d(4)
+    torch.testing.assert_close(ours(x), theirs(x), rtol=0, atol=0)
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        assert torch.equal(getattr(ours, name), getattr(theirs, name)), name
+    big = torch.randn(64, 4)
+    big[0] = 1000.0  # one outlying sample first in the batch
+    big = big.to(dtype)
+    ours, theirs = bnkit.BatchNorm1d(4).to(dtype), torch.nn.BatchNorm1d(4).to(dtype)
+    ours(big), theirs(big)
+    exact = big.double().mean(0) * 0.1  # ~1.56
+    assert ((ours.running_mean.double() - exact).abs() <= torch.finfo(dtype).eps * exact.abs()).all()
+    assert torch.equal(ours.running_mean, theirs.running_mean)
+
+
+def test_float16_2d_input_whose_differences_exceed_float16_max():
+    """Every value finite, the differences to the first row not (4e4 - -4e4 > 65504): torch.nn's float32
+    accumulation is finite, and so is bnkit's output; the batch counts."""
+    x = torch.tensor([[4e4], [-4e4], [0.0], [1.0]], dtype=torch.float16)
+    ours, theirs = bnkit.BatchNorm1d(1), torch.nn.BatchNorm1d(1)
+    y = ours(x)
+    torch.testing.assert_close(y, theirs(x), rtol=0, atol=0)
+    assert torch.isfinite(y).all() and ours.num_batches_tracked.item() == 1
