@@ -25,8 +25,10 @@ class GhostBatchNormBase(BatchNormBase):
             running statistics are updated *once* per step (tf-keras' rule) with the
             chunk-size-weighted mean of the chunk means and the pooled within-chunk unbiased variance
             ``sum_g m2_g / (n - G)`` (= the mean of the chunks' unbiased variances when chunks are
-            equal); ``num_batches_tracked`` += 1. A chunk of one value per channel raises. Eval
-            ignores it (running statistics, as the plain layer). Settable on the layer.
+            equal; with ``variance="biased"``, ``sum_g m2_g / n``, the count-weighted mean of the
+            chunks' biased variances); ``num_batches_tracked`` += 1. A chunk of one value per channel
+            raises. Eval ignores it (running statistics, or the whole batch's statistics when there are
+            none, as the plain layer). Settable on the layer.
         eps, momentum, affine, track_running_stats, device, dtype, and the keywords of
             :class:`bnkit.BatchNormBase`. ``mask=``/``lengths=`` are not supported, and ghost
             statistics cannot be observed as one batch's moments (``register_moments_hook``).
@@ -53,12 +55,18 @@ class GhostBatchNormBase(BatchNormBase):
         self._virtual_batch_size = value
 
     def _batch_statistics(self, input: torch.Tensor, update: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        mean, var, pooled = ghost_statistics(self.layer_name, input, self.virtual_batch_size)
+        if not self.training:  # eval without running statistics: the whole batch's, as the plain layer
+            return super()._batch_statistics(input, update)
+        mean, var, (pooled_mean, pooled_var) = ghost_statistics(self.layer_name, input, self.virtual_batch_size)
         if self._moments_hooks:
             raise ValueError(f"{self.layer_name}: ghost-batch statistics (virtual_batch_size) cannot be "
                              f"observed as one batch's moments (e.g. by bnkit.accumulate); use plain batch norm")
         if update:
-            self._update_running(*pooled, None)
+            if self.variance == "biased":  # sum_g m2_g / n: the count-weighted mean of the chunks' biased variances
+                n = input.numel() // input.shape[1]
+                chunks = -(-input.shape[0] // self.virtual_batch_size)
+                pooled_var = pooled_var * ((n - chunks) / n)
+            self._update_running(pooled_mean, pooled_var, None)
         return mean, var
 
     def extra_repr(self) -> str:

@@ -100,3 +100,36 @@ def test_channels_last_kept():
     y = bnkit.GhostBatchNorm2d(3, virtual_batch_size=4)(x)
     assert y.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(y, _chunked_torch(x, None, None, 4))
+
+
+def test_biased_variance_stores_the_pooled_biased_variance():
+    """variance="biased" stores sum_g m2_g / n (tf-keras' mean of the chunks' biased variances); with one
+    chunk that is plain biased batch norm. It stored the unbiased m2 / (n - G) whatever the option."""
+    torch.manual_seed(5)
+    x = torch.randn(7, 2, 3, dtype=torch.float64) * 2 + 1
+    bn = bnkit.GhostBatchNorm1d(2, momentum=1.0, virtual_batch_size=3, variance="biased", dtype=torch.float64)
+    bn(x)
+    flat = [c.transpose(0, 1).reshape(2, -1).numpy() for c in x.split(3)]   # 9, 9, 3 values
+    m2 = sum(((c - c.mean(1, keepdims=True)) ** 2).sum(1) for c in flat)
+    np.testing.assert_allclose(bn.running_var.numpy(), m2 / 21, rtol=1e-12)
+    one_chunk = bnkit.GhostBatchNorm1d(2, momentum=0.3, virtual_batch_size=8, variance="biased", dtype=torch.float64)
+    plain = bnkit.BatchNorm1d(2, momentum=0.3, variance="biased", dtype=torch.float64)
+    one_chunk(x), plain(x)
+    torch.testing.assert_close(one_chunk.running_var, plain.running_var, rtol=1e-12, atol=0)
+    torch.testing.assert_close(one_chunk.running_var, 0.7 + 0.3 * x.var((0, 2), correction=0), rtol=1e-12, atol=0)
+
+
+def test_eval_without_running_stats_uses_the_whole_batch_as_torch_nn():
+    """"Eval ignores virtual_batch_size" also without running statistics: torch.nn normalizes the whole
+    batch there; chunking made the output depend on the chunks (1.6 off) and a last chunk of one raise."""
+    torch.manual_seed(6)
+    x = torch.randn(8, 3, 4) * 2 + torch.arange(8.0).view(8, 1, 1)
+    ours = bnkit.GhostBatchNorm1d(3, virtual_batch_size=2, track_running_stats=False).eval()
+    ref = torch.nn.BatchNorm1d(3, track_running_stats=False).eval()
+    torch.testing.assert_close(ours(x), ref(x))
+    x5 = torch.randn(5, 3)
+    ours.virtual_batch_size = 4                     # chunks [4, 1] in training
+    torch.testing.assert_close(ours(x5), ref(x5))
+    ours.virtual_batch_size = 2
+    ours.train()                                    # training still chunks
+    torch.testing.assert_close(ours(x), _chunked_torch(x, ours.weight, ours.bias, 2))
