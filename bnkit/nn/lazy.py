@@ -11,6 +11,7 @@ import torch
 from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.parameter import UninitializedBuffer, UninitializedParameter
 
+from ..validation import channel_first
 from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormBase
 
 __all__ = ["LazyBatchNorm1d", "LazyBatchNorm2d", "LazyBatchNorm3d"]
@@ -23,14 +24,15 @@ class _LazyBatchNorm(LazyModuleMixin, BatchNormBase):
     cls_to_become: type[BatchNormBase]
 
     def __init__(self, eps: float = 1e-5, momentum=0.1, affine: bool = True, track_running_stats: bool = True,
-                 device=None, dtype=None, **kwargs):
+                 device=None, dtype=None, *, bias: bool = True, **kwargs):
         factory = {"device": device, "dtype": dtype}
         # affine/track_running_stats False here: the parameters and buffers are created uninitialized below.
         super().__init__(0, eps, momentum, False, False, device, dtype, **kwargs)
         self.affine, self.track_running_stats = affine, track_running_stats
         if affine:
             self.weight = UninitializedParameter(**factory)
-            self.bias = UninitializedParameter(**factory)
+            if bias:  # bias=False: no beta, as torch.nn.LazyBatchNorm*d(bias=False)
+                self.bias = UninitializedParameter(**factory)
         if track_running_stats:
             self.running_mean = UninitializedBuffer(**factory)
             self.running_var = UninitializedBuffer(**factory)
@@ -45,19 +47,20 @@ class _LazyBatchNorm(LazyModuleMixin, BatchNormBase):
             return
         if not isinstance(input, torch.Tensor) or input.dim() < 2:
             shape = tuple(input.shape) if isinstance(input, torch.Tensor) else type(input).__name__
-            raise ValueError(f"{type(self).__name__}: the first input sets num_features from dimension 1, so it "
+            raise ValueError(f"{type(self).__name__}: the first input sets num_features from dimension {self.axis}, so it "
                              f"must be a tensor of shape (N, C, *); got {shape}")
         self._check_input_dim(input)
+        channels = channel_first(type(self).__name__, input, self.axis).shape[1]  # axis=-1: (N, *, C)
         tensors = [t for t in (self.weight, self.bias, self.running_mean, self.running_var) if t is not None]
         if self.has_uninitialized_params():
-            self.num_features = input.shape[1]
+            self.num_features = channels
             for tensor in tensors:
                 tensor.materialize((self.num_features,))
             self.reset_parameters()
         else:
             # Materialized by load_state_dict (the checkpoint's size wins; torch.nn leaves num_features
             # at 0 here), or a layer with neither parameters nor buffers.
-            self.num_features = tensors[0].numel() if tensors else input.shape[1]
+            self.num_features = tensors[0].numel() if tensors else channels
 
 
 class LazyBatchNorm1d(_LazyBatchNorm, BatchNorm1d):

@@ -248,3 +248,22 @@ def test_pickles_with_a_long_skip_counter_keep_counting():
     old(torch.full((4, 3, 2, 2), float("nan")))
     with pytest.warns(RuntimeWarning, match="3 training batch"):
         assert old.report_nonfinite() == 3
+
+
+def test_lazy_layers_read_the_channels_from_axis_and_keep_bias_false():
+    """axis=-1 takes (N, L, C): num_features is C (it was read from dimension 1, then the first call raised);
+    bias=False gives no beta, as torch.nn.LazyBatchNorm1d(bias=False) (one was created and trained)."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 5, 3, dtype=torch.float64)
+    lazy = bnkit.LazyBatchNorm1d(axis=-1, dtype=torch.float64)
+    y = lazy(x)
+    assert lazy.num_features == 3 and lazy.running_mean.shape == (3,)
+    ref = torch.nn.BatchNorm1d(3, dtype=torch.float64)
+    torch.testing.assert_close(y, ref(x.transpose(1, 2)).transpose(1, 2))
+    torch.testing.assert_close(lazy.running_var, ref.running_var)
+    ours, theirs = bnkit.LazyBatchNorm1d(bias=False), torch.nn.LazyBatchNorm1d(bias=False)
+    x = torch.randn(4, 3)
+    torch.testing.assert_close(ours(x), theirs(x))
+    assert ours.bias is None and theirs.bias is None
+    assert [n for n, _ in ours.named_parameters()] == [n for n, _ in theirs.named_parameters()] == ["weight"]
+    assert "bias=False" in repr(ours)
