@@ -17,7 +17,7 @@ import numbers
 
 import torch
 
-from ..stats import Moments, batch_moments, update_running_stats
+from ..stats import Moments, accumulation_dtype, batch_moments, update_running_stats
 from ..stats.ramp import progress
 from ..validation import check_batch_size
 from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormBase
@@ -62,8 +62,8 @@ def renorm_warmup(steps: int, *, hold: int = 0, rmax: float = 3.0, dmax: float =
             "dmax": LinearRamp(0.0, dmax, steps if dmax_steps is None else dmax_steps, hold)}
 
 
-def _check_limits(layer: str, rmax, dmax, step: int | None = None) -> tuple[float, float]:
-    at = "" if step is None else f" (schedule value at step {step})"
+def _check_limits(layer: str, rmax, dmax, step: int | None = None, at: str = "") -> tuple[float, float]:
+    at = at if step is None else f" (schedule value at step {step})"
     for key, value, low in (("rmax", rmax, 1.0), ("dmax", dmax, 0.0)):
         if not isinstance(value, numbers.Real) or not value >= low:
             raise ValueError(f"{layer}: {key} must be a number >= {low:g}{at}, got {value!r}")
@@ -113,6 +113,11 @@ class BatchRenormBase(BatchNormBase):
                              f"1 -> 3 and dmax 0 -> 5 over steps); or rmax=, dmax= as numbers (the paper's "
                              f"3 and 5) or callables of the step")
         _check_limits(name, 1.0 if callable(rmax) else rmax, 0.0 if callable(dmax) else dmax)
+        # a LinearRamp by its two ends, here: it is evaluated on the device, where no check can raise, and its
+        # values lie between them (other callables are checked at each step)
+        for end in ("start", "end"):
+            _check_limits(name, *(getattr(v, end) if isinstance(v, LinearRamp) else low
+                                  for v, low in ((rmax, 1.0), (dmax, 0.0))), at=f" (the ramp's {end} value)")
         if not 0.0 <= renorm_momentum <= 1.0:
             raise ValueError(f"{name}: renorm_momentum must be in [0, 1] (torch convention, weight of the new "
                              f"batch), got {renorm_momentum}")
@@ -128,7 +133,8 @@ class BatchRenormBase(BatchNormBase):
         if not (callable(self.rmax) or callable(self.dmax)):
             return _check_limits(self.layer_name, self.rmax, self.dmax)
         if all(isinstance(v, LinearRamp) or not callable(v) for v in (self.rmax, self.dmax)):
-            step = self.num_batches_tracked.to(torch.float32) + 1
+            # in the statistics' dtype: float32 bounds would clip a float64 layer's r and d ~1e-7 off
+            step = self.num_batches_tracked.to(accumulation_dtype(self.renorm_std.dtype)) + 1
             ones = torch.ones_like(step)  # torch.clamp takes both bounds as numbers or both as tensors
             return tuple(v(step) if callable(v) else ones * v for v in (self.rmax, self.dmax))
         step = 1 + int(self.num_batches_tracked)

@@ -5,6 +5,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 import bnkit
+from bnkit.nn.renorm import LinearRamp
 
 
 def _set_renorm_stats(bn, mean, std):
@@ -124,3 +125,26 @@ def test_bad_schedule_value_raises_before_buffers_change():
     with pytest.raises(ValueError, match=r"BatchRenorm2d\(2\): dmax must be a number >= 0 \(schedule value at step 1\)"):
         bn(torch.randn(2, 2, 2, 2))
     assert int(bn.num_batches_tracked) == 0 and torch.equal(bn.renorm_std, torch.ones(2))
+
+
+@pytest.mark.parametrize("kw,msg", [
+    (lambda: bnkit.renorm_warmup(10, rmax=0.5), r"rmax must be a number >= 1 \(the ramp's end value\), got 0.5"),
+    (lambda: bnkit.renorm_warmup(10, dmax=-5.0), r"dmax must be a number >= 0 \(the ramp's end value\), got -5.0"),
+    (lambda: {"rmax": LinearRamp(0.5, 3.0, 10), "dmax": 1.0}, r"rmax must be a number >= 1 \(the ramp's start value\)")])
+def test_a_ramp_outside_the_bounds_is_refused_at_construction(kw, msg):
+    """Ramps run on the device where no check can raise; out-of-range ends gave clamp(lo > hi) silently:
+    renorm_warmup(1, rmax=0.5, dmax=-5) made every training output mean -5, std 0.5."""
+    with pytest.raises(ValueError, match=r"BatchRenorm1d\(3\): " + msg):
+        bnkit.BatchRenorm1d(3, **kw())
+
+
+def test_float64_layer_evaluates_its_ramps_in_float64():
+    """The ramp at step 1 (rmax 1.2, dmax 0.5) must clip like the numbers 1.2 and 0.5: in float32 the bounds
+    were 1.2000000477 and r, d were ~1.4e-7 off in a float64 layer."""
+    torch.manual_seed(5)
+    x = torch.randn(8, 3, 5, dtype=torch.float64) * 2 + 1
+    ramp = bnkit.BatchRenorm1d(3, rmax=LinearRamp(1.0, 3.0, 10), dmax=LinearRamp(0.0, 5.0, 10), dtype=torch.float64)
+    fixed = bnkit.BatchRenorm1d(3, rmax=1.2, dmax=0.5, dtype=torch.float64)
+    for bn in (ramp, fixed):
+        _set_renorm_stats(bn, torch.full((3,), 3.0), torch.full((3,), 0.5))   # r and d clip
+    torch.testing.assert_close(ramp(x), fixed(x), rtol=0, atol=1e-14)
