@@ -81,6 +81,9 @@ def _updated(name: str, mean: torch.Tensor, var: torch.Tensor, n, running_mean, 
     """``(new_running_stats, report)``: one batch's ``(mean, biased var)`` over ``n`` values folded into
     the running statistics out of place (``n=None``: ``var`` is already the estimate to store);
     ``report()`` tells the caller about a skipped batch (it reads the host)."""
+    if momentum is None and num_batches_tracked is None:
+        raise ValueError(f"{name}: momentum=None (cumulative average) needs num_batches_tracked (the count of "
+                         f"batches so far, a 0-d integer tensor updated in place); pass it, or a float momentum")
     new_mean, new_var = candidates(running_mean, running_var, num_batches_tracked, mean.detach(),
                                    stored_variance(var.detach(), n, variance == "unbiased"), momentum)
     keep = _keep(new_mean, new_var, n, nonfinite)

@@ -302,3 +302,19 @@ def test_a_batch_that_would_make_the_running_statistics_inf_is_one_decision_on_e
     layer.nonfinite = "raise"
     with pytest.raises(FloatingPointError, match=r"would make the running statistics NaN/Inf in channel\(s\) \[0, 1\]"):
         call()
+
+
+def test_functional_cumulative_average_without_a_count_names_the_caller():
+    """momentum=None without num_batches_tracked: the error came from bnkit.stats.running without the name."""
+    from bnkit.functional import batch_norm_stateless, fold_moments
+    from bnkit.stats import Moments
+    x = torch.randn(6, 3, 4)
+    rm, rv = torch.zeros(3), torch.ones(3)
+    with pytest.raises(ValueError, match=r"^layer3: momentum=None \(cumulative average\) needs num_batches_tracked"):
+        batch_norm(x, rm, rv, training=True, momentum=None, name="layer3")
+    with pytest.raises(ValueError, match=r"^batch_norm_stateless: momentum=None \(cumulative average\) needs"):
+        batch_norm_stateless(x, None, {"running_mean": rm, "running_var": rv}, momentum=None)
+    with pytest.raises(ValueError, match=r"^fold_moments: momentum=None \(cumulative average\) needs"):
+        fold_moments(Moments.of(x), rm, rv, momentum=None)
+    assert torch.equal(rm, torch.zeros(3)) and torch.equal(rv, torch.ones(3))
+    batch_norm(x, rm, rv, training=False, momentum=None)   # eval: no update, no count needed
