@@ -56,11 +56,27 @@ class DomainBatchNorm(nn.Module):
         self.domains = nn.ModuleList(
             self._layer_cls(num_features, eps, momentum, affine, track_running_stats, device, dtype, **kwargs)
             for _ in range(num_domains))
-        if shared_affine and affine:
-            for layer in self.domains[1:]:
-                layer.weight, layer.bias = self.domains[0].weight, self.domains[0].bias
+        self._tie_affine()
+        # load_state_dict(assign=True) gives each domain the checkpoint's own tensor (equal ones: checked in
+        # _load_from_state_dict); tie them again, or the domains would train separate copies
+        self.register_load_state_dict_post_hook(_tie_after_load)
         #: the domain used when ``forward`` gets no ``domain=``; set by :func:`use_domain`.
         self.active_domain = None
+
+    def _tie_affine(self) -> None:
+        """Every domain's ``weight``/``bias`` is domain 0's Parameter (``shared_affine=True`` and affine domains;
+        after ``bnkit.freeze`` they are buffers, copies that never change)."""
+        if not (self.shared_affine and isinstance(getattr(self.domains[0], "weight", None), nn.Parameter)):
+            return
+        for layer in self.domains[1:]:
+            layer.weight, layer.bias = self.domains[0].weight, self.domains[0].bias
+
+    def _apply(self, fn, recurse: bool = True):
+        # with torch.__future__.set_overwrite_module_params_on_conversion(True), .to()/.double() make a new
+        # Parameter per domain: tie them again
+        module = super()._apply(fn, recurse)
+        self._tie_affine()
+        return module
 
     @property
     def layer_name(self) -> str:
@@ -83,7 +99,7 @@ class DomainBatchNorm(nn.Module):
         # With shared_affine the domains hold one weight/bias under every domain's key, so loading copies
         # each domain's entry into the same tensor in turn and the last one wins. A checkpoint with
         # per-domain affine values loads only if they are equal; otherwise nothing here is loaded.
-        if self.shared_affine and self.domains[0].affine:
+        if self.shared_affine and getattr(self.domains[0], "weight", None) is not None:  # frozen: no .affine
             for key in ("weight", "bias"):
                 given = [(d, state_dict[k]) for d in range(self.num_domains)
                          if (k := f"{prefix}domains.{d}.{key}") in state_dict]
@@ -96,6 +112,10 @@ class DomainBatchNorm(nn.Module):
                                      f"load it")
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+
+
+def _tie_after_load(module: DomainBatchNorm, incompatible_keys) -> None:
+    module._tie_affine()  # a module-level function, not a lambda: whole-model pickles keep working
 
 
 class DomainBatchNorm1d(DomainBatchNorm):

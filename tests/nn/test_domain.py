@@ -121,3 +121,37 @@ def test_bad_num_features_names_the_layer():
         bnkit.DomainBatchNorm2d(0, num_domains=2)
     with pytest.raises(ValueError, match=r"DomainBatchNorm1d\(True, num_domains=2\): num_features"):
         bnkit.DomainBatchNorm1d(True, num_domains=2)
+
+
+def test_shared_affine_stays_one_pair_after_assign_loading_and_overwriting_conversions():
+    """load_state_dict(assign=True) (meta-device initialization) gave each domain its own copy of the
+    checkpoint's weight/bias, and so did .double() under overwrite_module_params_on_conversion: the
+    domains then trained separate parameters (4 instead of 2), silently."""
+    src = bnkit.DomainBatchNorm2d(3, num_domains=3)
+    with torch.no_grad():
+        src.domains[0].weight.uniform_(0.5, 1.5)
+    with torch.device("meta"):
+        ours = bnkit.DomainBatchNorm2d(3, num_domains=3)
+    ours.load_state_dict(src.state_dict(), assign=True)
+    assert len(list(ours.parameters())) == 2
+    assert all(d.weight is ours.domains[0].weight and d.bias is ours.domains[0].bias for d in ours.domains)
+    torch.testing.assert_close(ours.domains[2].weight, src.domains[0].weight)
+    torch.__future__.set_overwrite_module_params_on_conversion(True)
+    try:
+        ours.double()
+    finally:
+        torch.__future__.set_overwrite_module_params_on_conversion(False)
+    assert len(list(ours.parameters())) == 2 and ours.domains[1].weight.dtype == torch.float64
+    assert ours.domains[1].weight is ours.domains[0].weight
+
+
+def test_a_frozen_domain_model_loads_its_own_state_dict():
+    """After bnkit.freeze the domains are FrozenBatchNorm (no .affine): load_state_dict raised AttributeError."""
+    bn = bnkit.DomainBatchNorm1d(2, 2)
+    bn(torch.randn(8, 2) + 3, domain=1)
+    frozen = bnkit.freeze(bn)
+    copy = bnkit.freeze(bnkit.DomainBatchNorm1d(2, 2))
+    copy.load_state_dict(frozen.state_dict())
+    x = torch.randn(3, 2)
+    torch.testing.assert_close(copy(x, domain=1), frozen(x, domain=1))
+    torch.testing.assert_close(copy.domains[1].running_mean, bn.domains[1].running_mean)
