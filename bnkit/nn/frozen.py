@@ -46,7 +46,7 @@ class FrozenBatchNorm(nn.Module):
     def __init__(self, num_features: int, eps: float = 1e-5, device=None, dtype=None, *, activation=None,
                  **removed):
         super().__init__()
-        if not isinstance(num_features, int) or num_features < 1:
+        if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
             raise ValueError(f"{type(self).__name__}: num_features must be a positive int, got {num_features!r}")
         if removed:  # negative_slope= was a keyword before activation modules
             refuse_removed(f"{type(self).__name__}({num_features})", removed, ("negative_slope",))

@@ -318,3 +318,10 @@ def test_functional_cumulative_average_without_a_count_names_the_caller():
         fold_moments(Moments.of(x), rm, rv, momentum=None)
     assert torch.equal(rm, torch.zeros(3)) and torch.equal(rv, torch.ones(3))
     batch_norm(x, rm, rv, training=False, momentum=None)   # eval: no update, no count needed
+
+
+@pytest.mark.parametrize("cls", [bnkit.FrozenBatchNorm1d, bnkit.FrozenBatchNorm2d, bnkit.FrozenBatchNorm3d])
+def test_frozen_layers_refuse_a_bool_num_features_naming_the_layer(cls):
+    """FrozenBatchNorm2d(True) failed inside torch.ones ("must be tuple of ints, not bool"), unnamed."""
+    with pytest.raises(ValueError, match=rf"^{cls.__name__}: num_features must be a positive int, got True$"):
+        cls(True)
