@@ -133,3 +133,18 @@ def test_eval_without_running_stats_uses_the_whole_batch_as_torch_nn():
     ours.virtual_batch_size = 2
     ours.train()                                    # training still chunks
     torch.testing.assert_close(ours(x), _chunked_torch(x, ours.weight, ours.bias, 2))
+
+
+@pytest.mark.xfail(strict=True, reason="single_sample='use_running' is accepted but ignored by GhostBatchNorm: "
+                   "BatchNormBase._train_route skips the single-sample policy for every custom _batch_statistics "
+                   "(it must only for SyncBatchNorm, whose count is global), so a batch of one raises")
+def test_single_sample_use_running_applies_as_in_the_plain_layer():
+    ours = bnkit.GhostBatchNorm1d(3, virtual_batch_size=2, single_sample="use_running")
+    plain = bnkit.BatchNorm1d(3, single_sample="use_running")
+    with torch.no_grad():
+        for bn in (ours, plain):
+            bn.running_mean.fill_(0.5)
+            bn.running_var.fill_(2.0)
+    x = torch.randn(1, 3)
+    torch.testing.assert_close(ours(x), plain(x))    # the eval output, buffers unchanged
+    assert int(ours.num_batches_tracked) == 0

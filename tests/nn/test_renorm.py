@@ -148,3 +148,20 @@ def test_float64_layer_evaluates_its_ramps_in_float64():
     for bn in (ramp, fixed):
         _set_renorm_stats(bn, torch.full((3,), 3.0), torch.full((3,), 0.5))   # r and d clip
     torch.testing.assert_close(ramp(x), fixed(x), rtol=0, atol=1e-14)
+
+
+@pytest.mark.xfail(strict=True, reason="single_sample='use_running' is accepted but ignored by BatchRenorm (and "
+                   "ghost): BatchNormBase._train_route skips the single-sample policy for every custom "
+                   "_batch_statistics (it must only for SyncBatchNorm, whose count is global), so a batch of one raises")
+def test_single_sample_use_running_applies_as_in_the_plain_layer():
+    torch.manual_seed(7)
+    ours = bnkit.BatchRenorm1d(3, rmax=3.0, dmax=5.0, single_sample="use_running")
+    plain = bnkit.BatchNorm1d(3, single_sample="use_running")
+    with torch.no_grad():
+        for bn in (ours, plain):
+            bn.running_mean.copy_(torch.tensor([0.5, -1.0, 2.0]))
+            bn.running_var.copy_(torch.tensor([2.0, 0.5, 1.5]))
+    x = torch.randn(1, 3)
+    torch.testing.assert_close(ours(x), plain(x))   # the eval output
+    torch.testing.assert_close(ours.running_mean, plain.running_mean)
+    assert int(ours.num_batches_tracked) == int(plain.num_batches_tracked) == 0
