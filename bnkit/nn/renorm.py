@@ -127,6 +127,15 @@ class BatchRenormBase(BatchNormBase):
         self.register_buffer("renorm_mean", torch.zeros(num_features, **factory))
         self.register_buffer("renorm_std", torch.ones(num_features, **factory))
 
+    def reset_running_stats(self) -> None:
+        """torch's reset (``reset_parameters()`` calls it), and the renormalization statistics with it: a reset
+        layer restarts its warm-up from ``num_batches_tracked = 0``, so it starts from a fresh layer's 0 and 1."""
+        super().reset_running_stats()
+        if "renorm_std" in self._buffers:  # not yet registered while torch's __init__ calls this
+            with torch.no_grad():
+                self.renorm_mean.zero_()
+                self.renorm_std.fill_(1.0)
+
     def _limits(self):
         """``(rmax, dmax)`` for this step: numbers, or 0-d tensors for ramps evaluated on the device (a
         plain Python callable gets the step as an int, which costs one host read)."""

@@ -165,3 +165,18 @@ def test_single_sample_use_running_applies_as_in_the_plain_layer():
     torch.testing.assert_close(ours(x), plain(x))   # the eval output
     torch.testing.assert_close(ours.running_mean, plain.running_mean)
     assert int(ours.num_batches_tracked) == int(plain.num_batches_tracked) == 0
+
+
+def test_reset_returns_the_renormalization_statistics_to_a_fresh_layers():
+    """reset_parameters()/reset_running_stats() zeroed num_batches_tracked (the warm-up restarts) but kept the
+    old renorm_mean/renorm_std: a re-initialized layer computed r and d from the previous run's statistics."""
+    torch.manual_seed(8)
+    bn = bnkit.BatchRenorm2d(3, rmax=3.0, dmax=5.0, renorm_momentum=0.5)
+    fresh = bnkit.BatchRenorm2d(3, rmax=3.0, dmax=5.0, renorm_momentum=0.5)
+    for _ in range(3):
+        bn(torch.randn(4, 3, 2, 2) * 3 + 4)
+    bn.reset_parameters()
+    for name, buffer in fresh.state_dict().items():
+        torch.testing.assert_close(bn.state_dict()[name], buffer, rtol=0, atol=0, msg=name)
+    x = torch.randn(4, 3, 2, 2) * 3 + 4
+    torch.testing.assert_close(bn(x), fresh(x), rtol=0, atol=0)
