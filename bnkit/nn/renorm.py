@@ -118,9 +118,10 @@ class BatchRenormBase(BatchNormBase):
         for end in ("start", "end"):
             _check_limits(name, *(getattr(v, end) if isinstance(v, LinearRamp) else low
                                   for v, low in ((rmax, 1.0), (dmax, 0.0))), at=f" (the ramp's {end} value)")
-        if not 0.0 <= renorm_momentum <= 1.0:
+        if isinstance(renorm_momentum, bool) or not isinstance(renorm_momentum, numbers.Real) \
+                or not 0.0 <= renorm_momentum <= 1.0:
             raise ValueError(f"{name}: renorm_momentum must be in [0, 1] (torch convention, weight of the new "
-                             f"batch), got {renorm_momentum}")
+                             f"batch), got {renorm_momentum!r}")
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, **kwargs)
         self.rmax, self.dmax, self.renorm_momentum = rmax, dmax, renorm_momentum
         factory = {"device": device, "dtype": dtype}

@@ -114,6 +114,11 @@ def test_schedules_use_update_step_and_warmup_starts_as_plain_bn():
                                     ({}, r"BatchRenorm2d\(4\): pass the bounds of r and d, .*renorm_warmup"),
                                     ({"rmax": 3.0}, r"BatchRenorm2d\(4\): pass the bounds of r and d"),
                                     ({"rmax": 3.0, "dmax": 5.0, "renorm_momentum": 2.0}, r"renorm_momentum must be in \[0, 1\]"),
+                                    # a str/None/bool failed inside the comparison ('<=' not supported), unnamed
+                                    ({"rmax": 3.0, "dmax": 5.0, "renorm_momentum": "0.1"},
+                                     r"BatchRenorm2d\(4\): renorm_momentum must be in \[0, 1\] .*got '0.1'"),
+                                    ({"rmax": 3.0, "dmax": 5.0, "renorm_momentum": None}, r"BatchRenorm2d\(4\): renorm_momentum"),
+                                    ({"rmax": 3.0, "dmax": 5.0, "renorm_momentum": True}, r"BatchRenorm2d\(4\): renorm_momentum"),
                                     ({"rmax": 3.0, "dmax": 5.0, "track_running_stats": False}, "track_running_stats must be True")])
 def test_bad_arguments(kw, msg):
     with pytest.raises(ValueError, match=msg):
