@@ -13,12 +13,16 @@ loads directly (``num_batches_tracked`` is ignored). ``bnkit.freeze(model)`` con
 """
 from __future__ import annotations
 
+import math
+import warnings
+
 import torch
 from torch import nn
 
 from ..ops import apply_activation, eval_scale_shift, resolve_activation
 from ..stats import accumulation_dtype
 from ..validation import check_input, refuse_removed
+from .batchnorm import _METADATA_KEY
 from .tracing import traced_call
 
 __all__ = ["FrozenBatchNorm", "FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d"]
@@ -70,6 +74,14 @@ class FrozenBatchNorm(nn.Module):
                               error_msgs):
         # A BatchNorm state_dict carries num_batches_tracked, which has no meaning once frozen.
         state_dict.pop(prefix + "num_batches_tracked", None)
+        # A bnkit checkpoint records its eps (bnkit.BatchNorm2d warns on a mismatch, as here): the one
+        # convention that changes a frozen layer's numbers.
+        saved = (local_metadata.get(_METADATA_KEY) or {}).get("eps")
+        if isinstance(saved, float) and not math.isclose(saved, self.eps, rel_tol=1e-9):
+            warnings.warn(f"{self.layer_name} ({prefix.rstrip('.') or 'top level'}): the checkpoint was saved with "
+                          f"eps={saved!r} (this layer: {self.eps!r}). The numbers will differ from the saved "
+                          f"model's; construct the layer with eps={saved!r} to reproduce it.", UserWarning,
+                          stacklevel=2)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 

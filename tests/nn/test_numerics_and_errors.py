@@ -339,3 +339,22 @@ def test_functional_empty_training_batch_as_torch(stats):
     torch.testing.assert_close(y, torch.nn.functional.batch_norm(x, *theirs, training=True))
     if stats:
         torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+
+
+def test_frozen_layer_warns_when_a_checkpoint_was_saved_with_another_eps():
+    """bnkit.BatchNorm2d warns when a checkpoint's recorded eps differs; FrozenBatchNorm2d loaded it silently and
+    normalized with its own eps (the output off by ~5e-3 relative at running_var 0.1, eps 1e-3 vs 1e-5)."""
+    saved = torch.nn.Sequential(bnkit.BatchNorm2d(3, eps=1e-3))
+    with torch.no_grad():
+        saved[0].running_var.fill_(0.1)
+    frozen = torch.nn.Sequential(bnkit.FrozenBatchNorm2d(3))
+    with pytest.warns(UserWarning, match=r"^FrozenBatchNorm2d\(3\) \(0\): the checkpoint was saved with eps=0.001 "
+                                         r"\(this layer: 1e-05\)"):
+        frozen.load_state_dict(saved.state_dict())
+    same = torch.nn.Sequential(bnkit.FrozenBatchNorm2d(3, eps=1e-3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        same.load_state_dict(saved.state_dict())
+        frozen.load_state_dict(torch.nn.Sequential(torch.nn.BatchNorm2d(3)).state_dict())  # no record: torch's own
+    x = torch.randn(2, 3, 2, 2)
+    torch.testing.assert_close(same(x), saved.eval()(x))
