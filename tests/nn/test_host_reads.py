@@ -67,6 +67,15 @@ CASES = {
     "ghost": (lambda: bnkit.GhostBatchNorm2d(4, virtual_batch_size=2), (6, 4, 3, 3), {}),
     "renorm": (lambda: bnkit.BatchRenorm2d(4, rmax=3.0, dmax=5.0), (6, 4, 3, 3), {}),
     "renorm warm-up ramps": (lambda: bnkit.BatchRenorm2d(4, **bnkit.renorm_warmup(10, hold=2)), (6, 4, 3, 3), {}),
+    "ghost, smaller last chunk": (lambda: bnkit.GhostBatchNorm1d(4, virtual_batch_size=4), (6, 4), {}),
+    "ghost, biased variance": (lambda: bnkit.GhostBatchNorm2d(4, virtual_batch_size=4, variance="biased"),
+                               (6, 4, 3, 3), {}),
+    "ghost, not tracking": (lambda: bnkit.GhostBatchNorm2d(4, virtual_batch_size=4, track_running_stats=False),
+                            (6, 4, 3, 3), {}),
+    "renorm momentum=None": (lambda: bnkit.BatchRenorm2d(4, rmax=3.0, dmax=5.0, momentum=None), (6, 4, 3, 3), {}),
+    "renorm ramp and number": (lambda: bnkit.BatchRenorm2d(4, rmax=bnkit.renorm_warmup(10)["rmax"], dmax=5.0),
+                               (6, 4, 3, 3), {}),
+    "lazy axis=-1": (lambda: bnkit.LazyBatchNorm1d(axis=-1), (6, 5, 4), {}),
     "mask": (lambda: bnkit.BatchNorm1d(4), (6, 4, 5), {"mask": True}),
     "lengths": (lambda: bnkit.BatchNorm1d(4), (6, 4, 5), {"lengths": True}),
     "frozen stats (batch)": (lambda: bnkit.freeze_stats(bnkit.BatchNorm2d(4)), (6, 4, 3, 3), {}),
@@ -100,7 +109,8 @@ def test_training_step_reads_nothing(case):
     assert _count(_step(layer, x, **kw)) == []
 
 
-@pytest.mark.parametrize("case", ["plain", "activation", "mask", "axis=-1", "FrozenBatchNorm2d"])
+@pytest.mark.parametrize("case", ["plain", "activation", "mask", "axis=-1", "FrozenBatchNorm2d", "ghost, not tracking",
+                                  "renorm ramp and number"])
 def test_eval_step_reads_nothing(case):
     make, shape, extra = CASES[case]
     layer = make().eval()
