@@ -185,3 +185,14 @@ def test_reset_returns_the_renormalization_statistics_to_a_fresh_layers():
         torch.testing.assert_close(bn.state_dict()[name], buffer, rtol=0, atol=0, msg=name)
     x = torch.randn(4, 3, 2, 2) * 3 + 4
     torch.testing.assert_close(bn(x), fresh(x), rtol=0, atol=0)
+
+
+@pytest.mark.xfail(strict=True, reason="an empty training batch raises in BatchRenorm (check_batch_size) where "
+                   "torch.nn and bnkit.BatchNorm2d return the empty output, leave the statistics unchanged and "
+                   "count the batch")
+def test_empty_batch_as_the_plain_layer():
+    ours, plain = bnkit.BatchRenorm2d(3, rmax=3.0, dmax=5.0), torch.nn.BatchNorm2d(3)
+    x = torch.randn(0, 3, 2, 2)
+    assert ours(x).shape == plain(x).shape == x.shape
+    assert torch.equal(ours.running_var, plain.running_var) and torch.equal(ours.renorm_std, torch.ones(3))
+    assert int(ours.num_batches_tracked) == int(plain.num_batches_tracked) == 1
