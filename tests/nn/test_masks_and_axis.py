@@ -99,3 +99,22 @@ def test_axis_last_equals_transpose_bn_transpose():
     torch.testing.assert_close(ours.running_var, ref.running_var)
     with pytest.raises(ValueError, match=r"expected 5 channels in dimension 1, got 7"):
         bnkit.BatchNorm1d(5)(x)  # forgot axis=-1: the message shows what arrived
+
+
+@pytest.mark.xfail(strict=True, reason="axis=-1 on a contiguous (N, L, C) input returns strides (L*C, 1, L) where torch's "
+                   "kernel or F.batch_norm ran (plain layer train/eval, variants' and functional eval): the output is "
+                   "not contiguous, unlike the input ('the same memory format'), and y.view(N, -1) raises")
+@pytest.mark.parametrize("case", ["layer train", "layer eval", "ghost eval", "functional eval"])
+def test_axis_last_output_keeps_the_contiguous_layout_of_the_input(case):
+    from bnkit.functional import batch_norm
+    x = torch.randn(4, 5, 3)
+    if case == "functional eval":
+        y = batch_norm(x, torch.zeros(3), torch.ones(3), training=False, axis=-1)
+    else:
+        layer = (bnkit.GhostBatchNorm1d(3, virtual_batch_size=2, axis=-1) if case.startswith("ghost")
+                 else bnkit.BatchNorm1d(3, axis=-1))
+        y = layer.train(case.endswith("train"))(x)
+    torch.testing.assert_close(y, torch.nn.functional.batch_norm(x.transpose(1, 2), torch.zeros(3), torch.ones(3),
+                                                                 training=case.endswith("train")).transpose(1, 2))
+    assert y.is_contiguous()
+    assert y.view(4, -1).shape == (4, 15)
