@@ -47,8 +47,8 @@ class _LazyBatchNorm(LazyModuleMixin, BatchNormBase):
             return
         if not isinstance(input, torch.Tensor) or input.dim() < 2:
             shape = tuple(input.shape) if isinstance(input, torch.Tensor) else type(input).__name__
-            raise ValueError(f"{type(self).__name__}: the first input sets num_features from dimension {self.axis}, so it "
-                             f"must be a tensor of shape (N, C, *); got {shape}")
+            raise ValueError(f"{type(self).__name__}: the first input sets num_features from dimension {self.axis}, "
+                             f"so it must be a tensor of shape (N, C, *); got {shape}")
         self._check_input_dim(input)
         channels = channel_first(type(self).__name__, input, self.axis).shape[1]  # axis=-1: (N, *, C)
         tensors = [t for t in (self.weight, self.bias, self.running_mean, self.running_var) if t is not None]
