@@ -132,6 +132,13 @@ def _forward_core(name: str, x: torch.Tensor, weight, bias, running_mean, runnin
             use_batch_stats = update = False
         elif n == 1 and single_sample == "skip_update":
             update = False
+        elif n == 0 and x.shape[1]:  # empty: an empty output, the statistics unchanged, the batch counted (torch.nn)
+            y = normalize(x, x.new_zeros(x.shape[1]), x.new_ones(x.shape[1]), weight, bias, eps, activation,
+                          negative_slope)
+            if not update:
+                return y, None, None
+            count = None if num_batches_tracked is None else num_batches_tracked + 1
+            return y, RunningStats(running_mean, running_var, count), lambda: None
         else:
             check_batch_size(name, x)
     if not use_batch_stats:
@@ -201,7 +208,7 @@ def batch_norm(input: torch.Tensor, running_mean: torch.Tensor | None, running_v
     if new is not None:
         report()
         _write(new, running_mean, running_var, num_batches_tracked)
-    return channel_back(y, axis)
+    return channel_back(y, axis, input)
 
 
 def batch_norm_stateless(x: torch.Tensor, params: Mapping[str, torch.Tensor | None] | None,
@@ -235,7 +242,7 @@ def batch_norm_stateless(x: torch.Tensor, params: Mapping[str, torch.Tensor | No
                               use_batch_stats=use_batch, update=training and rm is not None, momentum=momentum,
                               eps=eps, activation=activation, negative_slope=negative_slope, variance=variance,
                               mask=mask)
-    y = channel_back(y, axis)
+    y = channel_back(y, axis, x)
     if new is None:
         return y, stats
     out = dict(stats)

@@ -94,9 +94,14 @@ def channel_first(name: str, x, axis: int, check_dim=None):
     return x if axis % ndim == 1 else x.movedim(axis, 1)
 
 
-def channel_back(y: torch.Tensor, axis: int) -> torch.Tensor:
-    """Undo :func:`channel_first` on an output."""
-    return y if axis == 1 or axis % y.dim() == 1 else y.movedim(1, axis)
+def channel_back(y: torch.Tensor, axis: int, like: torch.Tensor) -> torch.Tensor:
+    """Undo :func:`channel_first` on an output, in the memory format of the input ``like``: torch's
+    kernels return 3-D ``(N, C, L)`` contiguous, which moved back is not a contiguous ``(N, L, C)``
+    (one copy then; 4-D/5-D channels-last outputs move back contiguous as they are)."""
+    if axis == 1 or axis % y.dim() == 1:
+        return y
+    y = y.movedim(1, axis)
+    return y.contiguous() if not y.is_contiguous() and like.is_contiguous() else y
 
 
 def check_input(name: str, x: torch.Tensor, num_features: int | None, tensors: dict, axis: int = 1) -> None:

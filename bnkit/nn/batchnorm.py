@@ -270,7 +270,7 @@ class BatchNormBase(_TorchBatchNorm):
             y = self._train_route(x, mask, update)
             if training and x.shape[0] and self.last_train_batch_size != x.shape[0]:  # empty batches: no size
                 self.last_train_batch_size = x.shape[0]
-        return y if axis == 1 else channel_back(y, axis)
+        return y if axis == 1 else channel_back(y, axis, input)
 
     def _eval_route(self, x: torch.Tensor, mask) -> torch.Tensor:
         """Running statistics: torch's ``batch_norm(training=False)`` (or the eval kernel), or the
@@ -294,12 +294,15 @@ class BatchNormBase(_TorchBatchNorm):
         the biased-variance convention go through composed torch ops."""
         custom = self._custom_batch_statistics()
         n = x.numel() // x.shape[1] if x.shape[1] else 0
-        if n == 1 and mask is None and not custom:
+        local = not self._global_batch  # SyncBatchNorm: the values of all ranks decide, not this one's
+        if n == 1 and mask is None and local:
             if self.single_sample == "use_running" and self.running_mean is not None:
                 return self._eval_route(x, None)
-            if self.single_sample == "skip_update":  # composed ops: x - mean is exactly 0 there
-                return self._composed_train(x, None, False)
+            if self.single_sample == "skip_update":  # plain statistics, any layer: x - mean is exactly 0, no update
+                return self._composed_train(x, None, False, plain=True)
             check_batch_size(self.layer_name, x)
+        if n == 0 and local:  # an empty batch: torch's own call (empty output, only the count grows), any layer
+            custom = False
         if mask is not None or custom or self.variance != "unbiased":
             return self._composed_train(x, mask, update)
         if self._moments_hooks:
@@ -372,7 +375,7 @@ class BatchNormBase(_TorchBatchNorm):
         self._commit(new_mean, new_var)
         return y
 
-    def _composed_train(self, x: torch.Tensor, mask, update: bool) -> torch.Tensor:
+    def _composed_train(self, x: torch.Tensor, mask, update: bool, plain: bool = False) -> torch.Tensor:
         self._check(x)
         if mask is not None:
             if self._custom_batch_statistics():
@@ -384,7 +387,8 @@ class BatchNormBase(_TorchBatchNorm):
                 self._update_running(mean, var, count[0] if count.numel() else count)
             y = normalize(x, mean, var, self.weight, self.bias, self.eps, self.activation, self.negative_slope)
             return torch.where(mask.unsqueeze(1), y, x)
-        mean, var = self._batch_statistics(x, update)
+        statistics = BatchNormBase._batch_statistics if plain else type(self)._batch_statistics  # plain: not ghost/renorm
+        mean, var = statistics(self, x, update)
         return normalize(x, mean, var, self.weight, self.bias, self.eps, self.activation, self.negative_slope)
 
     def _composed_eval(self, x: torch.Tensor, mask, alpha: float) -> torch.Tensor:
@@ -492,6 +496,8 @@ class BatchNormBase(_TorchBatchNorm):
             raise RuntimeError(f"{self.layer_name}: example_weight='auto' is 1 / training batch size, but this layer "
                                f"has not seen a training batch; pass example_weight=<alpha> instead")
         return 1.0 / self.last_train_batch_size
+
+    _global_batch = False  # True where the batch spans processes (SyncBatchNorm): no local batch-size policy
 
     def _custom_batch_statistics(self) -> bool:
         """True when ``_batch_statistics`` is not plain batch statistics (a subclass's own: ghost, renorm, sync)."""

@@ -77,6 +77,8 @@ class SyncBatchNorm(BatchNormBase):
         Input ``(N, C, *)``, N may differ per rank and be 0; output the same shape.
     """
 
+    _global_batch = True  # a batch of one or none here may be part of a larger one across ranks
+
     def __init__(self, num_features: int, eps: float = 1e-5, momentum=0.1, affine: bool = True,
                  track_running_stats: bool = True, process_group=None, device=None, dtype=None, **kwargs):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, **kwargs)

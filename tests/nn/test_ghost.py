@@ -135,9 +135,6 @@ def test_eval_without_running_stats_uses_the_whole_batch_as_torch_nn():
     torch.testing.assert_close(ours(x), _chunked_torch(x, ours.weight, ours.bias, 2))
 
 
-@pytest.mark.xfail(strict=True, reason="single_sample='use_running' is accepted but ignored by GhostBatchNorm: "
-                   "BatchNormBase._train_route skips the single-sample policy for every custom _batch_statistics "
-                   "(it must only for SyncBatchNorm, whose count is global), so a batch of one raises")
 def test_single_sample_use_running_applies_as_in_the_plain_layer():
     ours = bnkit.GhostBatchNorm1d(3, virtual_batch_size=2, single_sample="use_running")
     plain = bnkit.BatchNorm1d(3, single_sample="use_running")
@@ -150,12 +147,22 @@ def test_single_sample_use_running_applies_as_in_the_plain_layer():
     assert int(ours.num_batches_tracked) == 0
 
 
-@pytest.mark.xfail(strict=True, reason="an empty training batch raises in GhostBatchNorm (ghost_statistics' "
-                   "check_batch_size) where torch.nn and bnkit.BatchNorm2d return the empty output, leave the "
-                   "statistics unchanged and count the batch")
 def test_empty_batch_as_the_plain_layer():
     ours, plain = bnkit.GhostBatchNorm2d(3, virtual_batch_size=2), torch.nn.BatchNorm2d(3)
     x = torch.randn(0, 3, 2, 2)
     assert ours(x).shape == plain(x).shape == x.shape
     assert torch.equal(ours.running_var, plain.running_var)
     assert int(ours.num_batches_tracked) == int(plain.num_batches_tracked) == 1
+
+
+@pytest.mark.parametrize("make", [lambda: bnkit.GhostBatchNorm1d(3, virtual_batch_size=2, single_sample="skip_update"),
+                                  lambda: bnkit.BatchRenorm1d(3, rmax=3.0, dmax=5.0, single_sample="skip_update")])
+def test_single_sample_skip_update_applies_to_the_variants(make):
+    """A batch of one under 'skip_update': x - mean is exactly 0, so the output is the bias (then the
+    activation) and nothing updates, as for the plain layer (the variants used to raise)."""
+    layer = make()
+    with torch.no_grad():
+        layer.bias.copy_(torch.tensor([0.25, -0.5, 1.0]))
+    y = layer(torch.randn(1, 3) * 10)
+    assert torch.equal(y, layer.bias.detach().expand(1, 3))
+    assert int(layer.num_batches_tracked) == 0 and torch.equal(layer.running_mean, torch.zeros(3))

@@ -101,9 +101,6 @@ def test_axis_last_equals_transpose_bn_transpose():
         bnkit.BatchNorm1d(5)(x)  # forgot axis=-1: the message shows what arrived
 
 
-@pytest.mark.xfail(strict=True, reason="axis=-1 on a contiguous (N, L, C) input returns strides (L*C, 1, L) where torch's "
-                   "kernel or F.batch_norm ran (plain layer train/eval, variants' and functional eval): the output is "
-                   "not contiguous, unlike the input ('the same memory format'), and y.view(N, -1) raises")
 @pytest.mark.parametrize("case", ["layer train", "layer eval", "ghost eval", "functional eval"])
 def test_axis_last_output_keeps_the_contiguous_layout_of_the_input(case):
     from bnkit.functional import batch_norm

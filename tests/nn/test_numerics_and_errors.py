@@ -327,18 +327,17 @@ def test_frozen_layers_refuse_a_bool_num_features_naming_the_layer(cls):
         cls(True)
 
 
-@pytest.mark.xfail(strict=True, reason="bnkit.functional.batch_norm raises for an empty training batch (check_batch_size: "
-                   "'Skip empty batches'), where torch.nn.functional.batch_norm and bnkit's own layers return the "
-                   "empty output and leave the running statistics unchanged")
 @pytest.mark.parametrize("stats", [True, False])
 def test_functional_empty_training_batch_as_torch(stats):
     x = torch.randn(0, 3, 2, 2)
     ours = (torch.zeros(3), torch.ones(3)) if stats else (None, None)
     theirs = (torch.zeros(3), torch.ones(3)) if stats else (None, None)
-    y = batch_norm(x, *ours, training=True)
+    count = torch.tensor(4) if stats else None
+    y = batch_norm(x, *ours, training=True, num_batches_tracked=count)
     torch.testing.assert_close(y, torch.nn.functional.batch_norm(x, *theirs, training=True))
     if stats:
         torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+        assert int(count) == 5  # counted, as torch.nn.BatchNorm2d counts an empty batch
 
 
 def test_frozen_layer_warns_when_a_checkpoint_was_saved_with_another_eps():

@@ -155,9 +155,6 @@ def test_float64_layer_evaluates_its_ramps_in_float64():
     torch.testing.assert_close(ramp(x), fixed(x), rtol=0, atol=1e-14)
 
 
-@pytest.mark.xfail(strict=True, reason="single_sample='use_running' is accepted but ignored by BatchRenorm (and "
-                   "ghost): BatchNormBase._train_route skips the single-sample policy for every custom "
-                   "_batch_statistics (it must only for SyncBatchNorm, whose count is global), so a batch of one raises")
 def test_single_sample_use_running_applies_as_in_the_plain_layer():
     torch.manual_seed(7)
     ours = bnkit.BatchRenorm1d(3, rmax=3.0, dmax=5.0, single_sample="use_running")
@@ -187,9 +184,6 @@ def test_reset_returns_the_renormalization_statistics_to_a_fresh_layers():
     torch.testing.assert_close(bn(x), fresh(x), rtol=0, atol=0)
 
 
-@pytest.mark.xfail(strict=True, reason="an empty training batch raises in BatchRenorm (check_batch_size) where "
-                   "torch.nn and bnkit.BatchNorm2d return the empty output, leave the statistics unchanged and "
-                   "count the batch")
 def test_empty_batch_as_the_plain_layer():
     ours, plain = bnkit.BatchRenorm2d(3, rmax=3.0, dmax=5.0), torch.nn.BatchNorm2d(3)
     x = torch.randn(0, 3, 2, 2)
