@@ -68,15 +68,17 @@ def _torch_hooks(layer: _BatchNorm, acc: _Accumulator) -> list:
         saved.append(module.track_running_stats)
         module.track_running_stats = False
 
-    def after(module, args, output):
+    def after(module, args, kwargs, output):
+        if not module.training:  # eval normalizes with the running statistics: nothing to pool (as bnkit's hook)
+            return
         with torch.no_grad():
-            acc.add(Moments.of(args[0]))
+            acc.add(Moments.of(args[0] if args else kwargs["input"]))
 
     def restore(module, args, output):
         if saved:  # always_call: also after a call that failed in an earlier hook
             module.track_running_stats = saved.pop()
 
-    return [layer.register_forward_pre_hook(before), layer.register_forward_hook(after),
+    return [layer.register_forward_pre_hook(before), layer.register_forward_hook(after, with_kwargs=True),
             layer.register_forward_hook(restore, always_call=True)]
 
 

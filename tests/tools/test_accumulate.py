@@ -74,3 +74,38 @@ def test_nested_accumulate_is_refused_and_leaves_the_layer_as_it_was(bn_cls):
     with pytest.raises(ValueError, match="steps must be a positive int"):
         with bnkit.accumulate(bn, steps=True):
             pass
+
+
+@pytest.mark.parametrize("bn_cls", [bnkit.BatchNorm1d, torch.nn.BatchNorm1d])
+def test_eval_mode_calls_inside_the_context_are_not_pooled(bn_cls):
+    # A validation batch between micro-batches normalizes with the running statistics and must not enter
+    # them (torch.nn itself does not update in eval); before the fix torch.nn layers pooled it (mean off
+    # by 2.6 here) and counted an extra update.
+    torch.manual_seed(0)
+    micro = [torch.randn(4, 3) + 1, torch.randn(4, 3) - 1]
+    bn = bn_cls(3)
+    with bnkit.accumulate(bn, steps=2):
+        bn(micro[0])
+        bn.eval()
+        bn(torch.randn(4, 3) * 10 + 50)
+        bn.train()
+        bn(micro[1])
+    ref = torch.nn.BatchNorm1d(3)
+    ref(torch.cat(micro))
+    torch.testing.assert_close(bn.running_mean, ref.running_mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(bn.running_var, ref.running_var, rtol=1e-5, atol=1e-6)
+    assert bn.num_batches_tracked.item() == 1
+
+
+def test_torch_layer_called_with_the_input_keyword_is_pooled():
+    # torch.nn.BatchNorm*d.forward(input): bn(input=x) is a valid call; accumulate's hook read args[0]
+    # only and raised IndexError.
+    micro = [torch.randn(4, 3) + 1, torch.randn(4, 3) - 1]
+    bn = torch.nn.BatchNorm1d(3)
+    with bnkit.accumulate(bn, steps=2):
+        for x in micro:
+            bn(input=x)
+    ref = torch.nn.BatchNorm1d(3)
+    ref(torch.cat(micro))
+    torch.testing.assert_close(bn.running_var, ref.running_var, rtol=1e-5, atol=1e-6)
+    assert bn.num_batches_tracked.item() == 1
