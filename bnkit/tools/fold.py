@@ -293,6 +293,10 @@ def fold(model: nn.Module, inplace: bool = False) -> tuple[nn.Module, FoldReport
     uses: dict[int, int] = {}
     for _, m in model.named_modules(remove_duplicate=False):
         uses[id(m)] = uses.get(id(m), 0) + 1
+    # A weight or bias tied to another module (the same Parameter registered twice) changes there too.
+    param_names: dict[int, list[str]] = {}
+    for pname, p in model.named_parameters(remove_duplicate=False):
+        param_names.setdefault(id(p), []).append(pname)
     for name, bn in layers:
         found = candidates.get(name)
         if found is None:
@@ -306,8 +310,11 @@ def fold(model: nn.Module, inplace: bool = False) -> tuple[nn.Module, FoldReport
             continue
         layer = model.get_submodule(found)
         shared = [n for n, m in ((name, bn), (found, layer)) if uses[id(m)] > 1]
+        tied = [n for t in (layer.weight, layer.bias) if t is not None
+                for n in param_names.get(id(t), ()) if n.rpartition(".")[0] != found]
         folding = (f"{shared[0]} is shared (registered {uses[id(model.get_submodule(shared[0]))]} times in the model)"
-                   if shared else _fold_map(bn, layer, found))
+                   if shared else f"a parameter of {found} is tied to {tied}; folding would change it there"
+                   if tied else _fold_map(bn, layer, found))
         if isinstance(folding, str):  # the reason it cannot fold exactly
             report.not_folded.append(NotFolded(name, folding))
             continue

@@ -321,3 +321,30 @@ def test_eval_affine_of_trained_variants_is_their_eval(make):
         if layer.activation == "leaky_relu":
             y = torch.nn.functional.leaky_relu(y, 0.2)
         torch.testing.assert_close(layer.eval()(x), y, rtol=1e-6, atol=1e-6)
+
+
+def test_tied_weight_is_not_folded():
+    # c2.weight is c1.weight (tied): folding b1 into c1 rescales c2 too (and then b2 rescales both),
+    # so the folded eval output was off by 1.6 (float64) with both reported as folded.
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.b1 = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+            self.c2, self.b2 = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+            self.c2.weight = self.c1.weight
+
+        def forward(self, x):
+            return self.b1(self.c1(x)) + self.b2(self.c2(x))
+
+    torch.manual_seed(0)
+    model = Tied().double().eval()
+    for bn in (model.b1, model.b2):
+        _randomize_bn(bn, torch.Generator().manual_seed(bn.num_features))
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        want = model(x)
+        folded, report = fold(model)
+        torch.testing.assert_close(folded(x), want, rtol=1e-12, atol=1e-12)
+    assert not report.folded, str(report)
+    assert {n.bn for n in report.not_folded} == {"b1", "b2"}
+    assert all("tied" in n.reason and "c1.weight" in str(report) for n in report.not_folded)
