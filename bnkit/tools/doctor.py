@@ -40,7 +40,7 @@ from torch import nn
 
 from ..stats.momentum import KERAS_LOOKALIKE_THRESHOLD, convert
 from .fold import eval_affine
-from .freezing import batch_norm_layers, frozen_stats
+from .freezing import batch_norm_layers, frozen_stats, stats_frozen_mode
 
 __all__ = ["doctor", "DoctorReport", "LayerDiagnosis", "Finding", "THRESHOLDS"]
 
@@ -483,14 +483,20 @@ def _layer_findings(d: LayerDiagnosis, bn: nn.Module, limits: dict, model_traini
                        f"Keras/TF decay passed as torch momentum.",
             f"use momentum={convert(d.momentum, 'decay', 'momentum'):g} (torch), or bnkit's "
             f"momentum=bnkit.momentum.Decay({d.momentum:g}); then bnkit.calibrate(model, loader)")
-    if d.training:
+    # freeze_stats changes what training mode does: "running" is eval's computation, "batch" updates nothing
+    frozen = None if isinstance(bn, torch.jit.ScriptModule) else stats_frozen_mode(bn)
+    if d.training and frozen != "running":
         add("warning" if model_training else "error",
             "the layer is in training mode: at inference it normalizes with the statistics of each batch "
-            "(outputs depend on the other samples) and keeps updating its running statistics"
+            "(outputs depend on the other samples)"
+            + (" (its running statistics are frozen by freeze_stats, so they are not updated)" if frozen else
+               " and keeps updating its running statistics")
             + (" (the whole model is in training mode)" if model_training else
                " although the model is in eval mode (a submodule was switched back with .train())"),
-            "call model.eval() before inference; to keep statistics fixed while training, "
-            "bnkit.freeze_stats(model) (survives model.train())")
+            "call model.eval() before inference; "
+            + ("or bnkit.freeze_stats(model, use_running=True) normalizes with the running statistics in "
+               "either mode" if frozen else
+               "to keep statistics fixed while training, bnkit.freeze_stats(model) (survives model.train())"))
     if not d.has_running_stats:
         add("warning", "no running statistics (track_running_stats=False): eval uses batch statistics, so "
                        "outputs depend on the batch and a batch of one fails",

@@ -332,3 +332,22 @@ def test_doctor_passes_a_layers_lengths_on():
     assert d.train_eval_gap == pytest.approx(want, rel=1e-9)
     torch.testing.assert_close(torch.tensor(d.population_mean, dtype=torch.float64), mean)
     torch.testing.assert_close(torch.tensor(d.population_var, dtype=torch.float64), v.var(0))
+
+
+@pytest.mark.parametrize("layer", ["1", "4"])  # torch.nn and bnkit
+def test_train_mode_layer_frozen_on_running_statistics_is_not_blamed(healthy, layer):
+    # freeze_stats(use_running=True) makes a training-mode layer compute exactly its eval output and update
+    # nothing; doctor called that an error ("normalizes with the statistics of each batch ... keeps updating").
+    x = _data()[:64]
+    with torch.no_grad():
+        want = healthy(x)
+    bnkit.freeze_stats(healthy, use_running=True)
+    healthy.get_submodule(layer).train()
+    with torch.no_grad():
+        assert torch.equal(healthy(x), want)  # the premise: eval's numbers
+    report = doctor(healthy, _data(), batch_size=128)
+    assert not [f for f in report.findings_for(layer) if "training mode" in f.problem], _codes(report, layer)
+    # frozen on batch statistics: still a finding, without the claim that the statistics keep updating
+    bnkit.freeze_stats(healthy)
+    [f] = [f for f in doctor(healthy, _data(), batch_size=128).findings_for(layer) if "training mode" in f.problem]
+    assert f.severity == "error" and "keeps updating" not in f.problem and "use_running=True" in f.fix
