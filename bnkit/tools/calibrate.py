@@ -76,7 +76,7 @@ from torch import nn
 
 from ..nn import BatchNormBase
 from ..stats import Moments
-from .freezing import batch_norm_layers, frozen_stats
+from .freezing import batch_norm_layers, check_initialized, frozen_stats
 
 __all__ = ["calibrate", "CalibrationReport", "LayerCalibration", "MODES"]
 
@@ -184,6 +184,7 @@ def _check_arguments(model, data, num_samples, num_batches, mode, forward) -> No
     for arg, value in (("num_samples", num_samples), ("num_batches", num_batches)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"calibrate: {arg} must be a positive int or None, got {value!r}")
+    check_initialized(model, "calibrate")
     if forward is not None and not callable(forward):
         raise TypeError(f"calibrate: forward must be a callable (model, batch) -> output, got {type(forward).__name__}")
     if mode == "eval_consistent" and torch.is_inference_mode_enabled():
@@ -533,9 +534,9 @@ def calibrate(model: nn.Module, data: Iterable, num_samples: int | None = None, 
         and skipped, whether the loader was short, passes).
 
     Raises:
-        ValueError: no batch-norm layer with running statistics, a bad argument, or a one-shot
-            iterator (or ``torch.inference_mode``) with ``mode="eval_consistent"``. Nothing is
-            changed when it raises, also when the model's forward raises part-way.
+        ValueError: no batch-norm layer with running statistics, a lazy module not initialized yet, a bad
+            argument, or a one-shot iterator (or ``torch.inference_mode``) with ``mode="eval_consistent"``.
+            Nothing is changed when it raises, also when the model's forward raises part-way.
 
     >>> model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
     >>> report = calibrate(model, [torch.randn(8, 3) for _ in range(5)], num_batches=None, progress=False)

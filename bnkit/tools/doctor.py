@@ -40,7 +40,7 @@ from torch import nn
 
 from ..stats.momentum import KERAS_LOOKALIKE_THRESHOLD, convert
 from .fold import eval_affine
-from .freezing import batch_norm_layers, frozen_stats, stats_frozen_mode
+from .freezing import batch_norm_layers, check_initialized, frozen_stats, stats_frozen_mode
 
 __all__ = ["doctor", "DoctorReport", "LayerDiagnosis", "Finding", "THRESHOLDS"]
 
@@ -222,6 +222,7 @@ def _check_arguments(model, num_batches, batch_size, mode) -> None:
             raise ValueError(f"doctor: {arg} must be a positive int, got {value!r}")
     if mode not in MODES:
         raise ValueError(f"doctor: mode must be one of {MODES}, got {mode!r}")
+    check_initialized(model, "doctor")
 
 
 def _batch_input(batch):

@@ -37,6 +37,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..nn.frozen import FrozenBatchNorm
 from ..ops import activation_module, eval_scale_shift
+from .freezing import check_initialized
 
 __all__ = ["fold", "eval_affine", "FoldReport", "FoldedPair", "NotFolded"]
 
@@ -50,11 +51,13 @@ def eval_affine(layer: nn.Module, dtype: torch.dtype = torch.float32) -> tuple[t
     """``layer.eval_affine(dtype)`` of a bnkit layer, the same map for a ``torch.nn`` batch-norm layer.
 
     ``(scale, shift)`` of shape ``(C,)`` with eval output ``act(x * scale + shift)`` per channel, or
-    ``None`` when eval is not such a map (a torch layer without running statistics).
+    ``None`` when eval is not such a map (a torch layer without running statistics, or a lazy one not
+    initialized yet).
     """
     if hasattr(layer, "eval_affine"):
         return layer.eval_affine(dtype)
-    if layer.running_mean is None or layer.running_var is None:
+    if layer.running_mean is None or layer.running_var is None \
+            or isinstance(layer.running_mean, nn.parameter.UninitializedBuffer):
         return None
     return eval_scale_shift(layer.running_mean, layer.running_var, layer.weight, layer.bias, layer.eps, dtype)
 
@@ -280,6 +283,7 @@ def fold(model: nn.Module, inplace: bool = False) -> tuple[nn.Module, FoldReport
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"fold: expected an nn.Module, got {type(model).__name__}")
+    check_initialized(model, "fold")
     if not inplace:
         model = copy.deepcopy(model)
     layers = _norm_layers(model)

@@ -560,3 +560,16 @@ def test_last_batch_of_one_sample_with_spatial_positions_is_pooled():
         z = model[0](x).transpose(0, 1).reshape(3, -1)
     _assert_running_equals(model, [(z.mean(1), z.var(1, unbiased=True))])
     assert report.batches == 5 and report.single_value_batches == 0 and report.layers[0].samples == 33 * 16
+
+
+@pytest.mark.parametrize("lazy", [nn.LazyBatchNorm1d, bnkit.LazyBatchNorm1d])
+def test_lazy_layer_not_initialized_is_named(lazy):
+    # torch's own error ("Attempted to use an uninitialized parameter in <method 'clone' ...>") names no module.
+    model = nn.Sequential(nn.Conv1d(4, 4, 1), lazy())
+    with pytest.raises(ValueError, match=r"calibrate: lazy module\(s\) '1' \(LazyBatchNorm1d\) not initialized"):
+        bnkit.calibrate(model, [torch.randn(8, 4, 5)], progress=False)
+    model(torch.randn(8, 4, 5))  # initialized: calibrates like any layer
+    xs = [torch.randn(8, 4, 5) for _ in range(2)]
+    bnkit.calibrate(model, xs, num_batches=None, progress=False)
+    z = torch.cat([model[0](x) for x in xs]).detach().double().transpose(0, 1).reshape(4, -1)
+    torch.testing.assert_close(model[1].running_var.double(), z.var(1), rtol=1e-5, atol=1e-6)

@@ -351,3 +351,9 @@ def test_train_mode_layer_frozen_on_running_statistics_is_not_blamed(healthy, la
     bnkit.freeze_stats(healthy)
     [f] = [f for f in doctor(healthy, _data(), batch_size=128).findings_for(layer) if "training mode" in f.problem]
     assert f.severity == "error" and "keeps updating" not in f.problem and "use_running=True" in f.fix
+
+
+def test_lazy_layer_not_initialized_is_named():
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.LazyBatchNorm2d())
+    with pytest.raises(ValueError, match=r"doctor: lazy module\(s\) '1' \(LazyBatchNorm2d\) not initialized"):
+        doctor(model, _data(64))

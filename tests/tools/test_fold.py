@@ -348,3 +348,16 @@ def test_tied_weight_is_not_folded():
     assert not report.folded, str(report)
     assert {n.bn for n in report.not_folded} == {"b1", "b2"}
     assert all("tied" in n.reason and "c1.weight" in str(report) for n in report.not_folded)
+
+
+@pytest.mark.parametrize("lazy", [nn.LazyBatchNorm2d, bnkit.LazyBatchNorm2d])
+def test_lazy_layer_not_initialized_is_named(lazy):
+    # fold deep-copies the model; torch's error on the copy ("Attempted to use an uninitialized parameter in
+    # <function Tensor.__deepcopy__>") named no module. to_keras of a torch.nn lazy layer crashed the same way.
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), lazy())
+    for inplace in (False, True):
+        with pytest.raises(ValueError, match=r"fold: lazy module\(s\) '1' \(LazyBatchNorm2d\) not initialized"):
+            fold(model, inplace=inplace)
+    assert bnkit.tools.fold.eval_affine(model[1]) is None
+    with pytest.raises(ValueError, match="lazy layer that has not been initialized"):
+        bnkit.to_keras(model[1])
