@@ -557,6 +557,7 @@ def calibrate(model: nn.Module, data: Iterable, num_samples: int | None = None, 
     level = [0] * len(modules)
     skipped: set[int] = set()
     single: dict[int, tuple[int, int]] = {}
+    overflow: dict[int, Moments] = {}  # layers whose statistics do not fit their buffers' dtype
 
     with _calibration_state(model, modules), _progress_bar(progress) as bar:
         passes, depth, first = 1, 0, None
@@ -598,12 +599,27 @@ def calibrate(model: nn.Module, data: Iterable, num_samples: int | None = None, 
             with torch.no_grad():
                 for i, m in zip(done, merged):
                     if m.count[0] > 0:
+                        layer = modules[i]
+                        mean = m.mean.to(layer.running_mean.dtype)
+                        var = m.var(unbiased=_stores_unbiased(layer)).to(layer.running_var.dtype)
+                        if not (torch.isfinite(mean).all() and torch.isfinite(var).all()):
+                            overflow[i] = m  # beyond the buffers' dtype (float16: 65504): inf would be stored
+                            continue
                         results[i] = m
-                        modules[i].running_mean.copy_(m.mean)
-                        modules[i].running_var.copy_(m.var(unbiased=_stores_unbiased(modules[i])))
+                        layer.running_mean.copy_(mean)
+                        layer.running_var.copy_(var)
             depth += 1
 
-    never = [names[i] for i in range(len(modules)) if i not in results]
+    if overflow:
+        i, m = next(iter(overflow.items()))
+        big = torch.maximum(m.mean.abs(), m.var(unbiased=_stores_unbiased(modules[i])))
+        c = int(big.argmax())
+        warnings.warn(f"calibrate: the population statistics of layer(s) {[names[j] for j in overflow]} do not fit "
+                      f"their buffers' dtype (layer {names[i]!r}, {modules[i].running_var.dtype}: channel {c} has "
+                      f"mean {float(m.mean[c]):.4g}, variance {float(big[c]):.4g}); storing them would make the running "
+                      f"statistics inf, so they are unchanged. Keep batch-norm layers in float32 to calibrate them",
+                      RuntimeWarning, stacklevel=2)
+    never = [names[i] for i in range(len(modules)) if i not in results and i not in overflow]
     if never:
         warnings.warn(f"calibrate: layer(s) {never} never ran on the data; their running statistics are unchanged",
                       RuntimeWarning, stacklevel=2)

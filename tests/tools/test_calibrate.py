@@ -573,3 +573,21 @@ def test_lazy_layer_not_initialized_is_named(lazy):
     bnkit.calibrate(model, xs, num_batches=None, progress=False)
     z = torch.cat([model[0](x) for x in xs]).detach().double().transpose(0, 1).reshape(4, -1)
     torch.testing.assert_close(model[1].running_var.double(), z.var(1), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("layer_cls", [nn.BatchNorm1d, bnkit.BatchNorm1d])
+def test_float16_statistics_beyond_the_dtype_leave_the_layer_unchanged_with_a_warning(layer_cls):
+    # channel 0 has variance ~9e4 > float16's 65504: calibrate stored running_var = inf without a word
+    # (eval then outputs the bias on that channel), while the report showed a finite change.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 2), layer_cls(2)).half()
+    with torch.no_grad():
+        model[0].weight.copy_(torch.diag(torch.tensor([300.0, 1.0])))
+        model[0].bias.zero_()
+    xs = [torch.randn(16, 2).half() for _ in range(3)]
+    with pytest.warns(RuntimeWarning, match=r"layer\(s\) \['1'\] do not fit .*torch.float16: channel 0") as caught:
+        report = bnkit.calibrate(model, xs, num_batches=None, progress=False)
+    assert not any("never ran" in str(w.message) for w in caught)
+    assert torch.equal(model[1].running_var, torch.ones(2, dtype=torch.float16))
+    assert torch.equal(model[1].running_mean, torch.zeros(2, dtype=torch.float16))
+    assert report.layers[0].samples == 0 and report.layers[0].var_change is None
