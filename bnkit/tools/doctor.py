@@ -569,8 +569,8 @@ def _too_few_updates(d: LayerDiagnosis, bn: nn.Module, limits: dict) -> list[Fin
 def _data_findings(data) -> list[Finding]:
     if not isinstance(data, torch.utils.data.DataLoader) or data.drop_last or not data.batch_size:
         return []
-    try:
-        n = len(data.dataset)
+    try:  # the sampler decides how many samples an epoch draws (a subset, this rank's shard, ...)
+        n = len(data.dataset) if isinstance(data.dataset, torch.utils.data.IterableDataset) else len(data.sampler)
     except TypeError:
         return []
     if n % data.batch_size == 1:

@@ -357,3 +357,18 @@ def test_lazy_layer_not_initialized_is_named():
     model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.LazyBatchNorm2d())
     with pytest.raises(ValueError, match=r"doctor: lazy module\(s\) '1' \(LazyBatchNorm2d\) not initialized"):
         doctor(model, _data(64))
+
+
+def test_last_batch_of_one_is_counted_from_the_sampler(healthy):
+    # The DataLoader draws len(sampler) samples per epoch, not len(dataset): a subset of 257 of 300 images
+    # ends in a batch of one (doctor said nothing), the first 256 of 257 images do not (doctor said it did).
+    def loader_finding(n_data, n_drawn):
+        data = _data(n=n_data)
+        sampler = torch.utils.data.SubsetRandomSampler(range(n_drawn), generator=torch.Generator().manual_seed(0))
+        loader = torch.utils.data.DataLoader(data, batch_size=128, sampler=sampler)
+        assert len([b for b in loader][-1]) == (n_drawn - 1) % 128 + 1  # the premise, counted by iterating
+        return [f for f in doctor(healthy, loader, num_batches=3).findings_for("(model)") if "DataLoader" in f.problem]
+
+    [f] = loader_finding(300, 257)
+    assert "257 samples" in f.problem and "drop_last=True" in f.fix
+    assert loader_finding(257, 256) == []
