@@ -21,7 +21,7 @@ from torch.nn.modules.lazy import LazyModuleMixin
 from ..nn.batchnorm import BatchNormBase
 
 __all__ = ["freeze_stats", "unfreeze_stats", "frozen_stats", "stats_frozen_mode", "set_stats_frozen_mode",
-           "batch_norm_layers", "check_initialized"]
+           "batch_norm_layers", "check_initialized", "freeze_hook_ids"]
 
 _HOOKS = "_bnkit_freeze_hooks"
 _MODE = "_bnkit_stats_frozen"
@@ -53,6 +53,11 @@ def _torch_pre_hook(module, args):
 
 def _torch_post_hook(module, args, output):
     module.training, module.track_running_stats = module._bnkit_saved_flags
+
+
+def freeze_hook_ids(module: torch.nn.Module) -> set[int]:
+    """Ids of the forward hooks :func:`set_stats_frozen_mode` registered on a ``torch.nn`` layer."""
+    return {handle.id for handle in getattr(module, _HOOKS, ())}
 
 
 def stats_frozen_mode(module: torch.nn.Module):
