@@ -11,7 +11,8 @@
   in training mode, once in training mode (batch statistics; its statistics frozen, so nothing is
   updated) and once in eval mode (running statistics): ``rms(y_train - y_eval) / rms(y_train)`` of
   its outputs, so its channel ``axis``, activation and ghost/renormalized statistics count.
-  The same ratio for the model output is in ``report.summary``.
+  The same ratio for the model output (batch-norm layers in training mode, every other module in eval,
+  so dropout does not count) is in ``report.summary``.
 * **Collapsed channels**: population variance ~ 0 (a dead ReLU or pruned filter upstream); eval then
   divides by ``sqrt(eps)``.
 * **Too few updates for the momentum**: after ``n`` updates at momentum ``m`` the running statistics
@@ -408,8 +409,8 @@ def _measure_eager(model: nn.Module, names: list[str], batches: list, forward, m
             values[n].append(min((_values_per_channel(layers[n], *call) for call in store[n]), default=0))
             store[n].clear()
 
-    # The probe batch (the one with the most values per channel) in eval mode and in training mode
-    # with frozen statistics, so that nothing is updated.
+    # The probe batch (the one with the most values per channel) in eval mode and with the batch-norm
+    # layers in training mode with frozen statistics, so that nothing is updated.
     def fewest(k):  # the fewest values per channel any layer gets from batch k (0: no layer called)
         return min((values[n][k] for n in names if values[n][k]), default=0)
 
@@ -419,7 +420,8 @@ def _measure_eager(model: nn.Module, names: list[str], batches: list, forward, m
     for n in names:
         store[n].clear()
     if fewest(i) > 1:
-        probe.train()
+        for n in names:  # only the batch-norm layers: dropout and the like stay in eval, as in calibrate
+            layers[n].train()
         with frozen_stats(probe):
             m.y_train = _call(probe, probe_batch, forward)
     remove()
@@ -455,7 +457,9 @@ def _measure_script(model, names, batches, forward, mode, progress) -> _Measured
     m.samples = sum(b.shape[0] for b in batches if isinstance(b, torch.Tensor))
     m.y_eval = _call(probe, batch, forward)
     if m.samples:
-        m.y_train = _call(probe.train(), batch, forward)  # a copy: its running statistics may change
+        for _, layer in _bn_layers(probe):  # only the batch-norm layers: dropout and the like stay in eval
+            layer.train()
+        m.y_train = _call(probe, batch, forward)  # a copy: its running statistics may change
     return m
 
 

@@ -372,3 +372,25 @@ def test_last_batch_of_one_is_counted_from_the_sampler(healthy):
     [f] = loader_finding(300, 257)
     assert "257 samples" in f.problem and "drop_last=True" in f.fix
     assert loader_finding(257, 256) == []
+
+
+def test_model_train_eval_gap_is_batch_norms_not_dropouts(calibrate, tmp_path):
+    # The model-level train/eval gap ran the whole model in training mode, dropout included: a calibrated
+    # model with Dropout(0.5) showed 0.68 where its batch norm alone accounts for ~0.1. Reference: the same
+    # model with the dropout replaced by Identity (its eval), which must give the identical summary.
+    def model(drop):
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Flatten(), nn.Linear(192, 32), nn.BatchNorm1d(32), nn.ReLU(), drop, nn.Linear(32, 4))
+
+    data = _data()
+    with_dropout, reference = model(nn.Dropout(0.5)), model(nn.Identity())
+    for m in (with_dropout, reference):
+        calibrate(m, list(data.split(128)), num_batches=4, progress=False)
+        m.eval()
+    gaps = [doctor(m, data, batch_size=128).summary["output_gap_train_vs_eval"] for m in (with_dropout, reference)]
+    assert 0 < gaps[0] == gaps[1] < 0.3, gaps
+    torch.jit.save(torch.jit.script(with_dropout), tmp_path / "d.pt")  # TorchScript: the same
+    torch.jit.save(torch.jit.script(reference), tmp_path / "r.pt")
+    gaps = [doctor(torch.jit.load(tmp_path / p), data, batch_size=128).summary["output_gap_train_vs_eval"]
+            for p in ("d.pt", "r.pt")]
+    assert 0 < gaps[0] == gaps[1] < 0.3, gaps
