@@ -92,7 +92,8 @@ def accumulate(model: torch.nn.Module, steps: int):
     """``with bnkit.accumulate(model, steps=k):`` update running statistics once per k micro-batches.
 
     Works on bnkit and ``torch.nn`` batch-norm layers. Layers whose statistics are frozen (or not
-    tracked) are left alone. A batch a layer refuses (wrong shape, a batch of one) is not pooled.
+    tracked) are left alone. A batch a layer refuses (wrong shape, a batch of one) is not pooled. A live
+    ghost layer (``virtual_batch_size``) is refused on entry.
     The model's mode, momentum and conventions are unchanged. bnkit layers are driven through their
     public API (``stats_frozen``, :meth:`~bnkit.BatchNormBase.register_moments_hook`,
     :meth:`~bnkit.BatchNormBase.fold_moments`); contexts do not nest on the same layer.
@@ -107,6 +108,11 @@ def accumulate(model: torch.nn.Module, steps: int):
             raise RuntimeError(f"accumulate: {getattr(layer, 'layer_name', type(layer).__name__)} "
                                f"({name or 'the model'}) is already inside an accumulate() context")
     live = [layer for _, layer in layers if _live(layer)]
+    for name, layer in layers:  # refused here, before any layer is touched: in forward it came part-way
+        if layer in live and getattr(layer, "virtual_batch_size", None) is not None:
+            raise ValueError(f"accumulate: {layer.layer_name} ({name or 'the model'}): ghost-batch statistics "
+                             f"(virtual_batch_size={layer.virtual_batch_size}) cannot be pooled over micro-batches "
+                             f"as one batch; use plain batch norm, or freeze its statistics (bnkit.freeze_stats)")
     accumulators, handles = [], []
     for layer in live:
         acc = _Accumulator(layer, steps)
