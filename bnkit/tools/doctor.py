@@ -528,7 +528,14 @@ def _layer_findings(d: LayerDiagnosis, bn: nn.Module, limits: dict, model_traini
             "check for dead ReLUs upstream (lower the learning rate, check initialization) or prune these "
             "channels; bnkit.fold(model) then removes the batch norm for inference")
     v = d.min_values_per_channel
-    if v == 1:
+    single_sample = getattr(bn, "single_sample", "raise")  # bnkit's choice for a batch of one value per channel
+    if v == 1 and (frozen == "running" or single_sample == "use_running"):
+        pass  # such a batch is normalized with the running statistics, as in eval: nothing raises
+    elif v == 1 and single_sample == "skip_update":
+        add("warning", "a batch gives this layer a single value per channel: with single_sample='skip_update' "
+                       "training normalizes it with its own statistics, so the layer outputs its bias for it",
+            "DataLoader(..., drop_last=True); or single_sample='use_running'")
+    elif v == 1:
         add("error", "a batch gives this layer a single value per channel: training on it raises "
                      "'Expected more than 1 value per channel when training'",
             "DataLoader(..., drop_last=True); or bnkit.freeze_stats(model, use_running=True); or GroupNorm")

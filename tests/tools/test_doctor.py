@@ -394,3 +394,28 @@ def test_model_train_eval_gap_is_batch_norms_not_dropouts(calibrate, tmp_path):
     gaps = [doctor(torch.jit.load(tmp_path / p), data, batch_size=128).summary["output_gap_train_vs_eval"]
             for p in ("d.pt", "r.pt")]
     assert 0 < gaps[0] == gaps[1] < 0.3, gaps
+
+
+@pytest.mark.parametrize("setup,expected", [
+    (lambda m: None, "error"),                                             # torch.nn: training raises
+    (lambda m: setattr(m[1], "single_sample", "use_running"), None),        # bnkit handles it: eval's numbers
+    (lambda m: bnkit.freeze_stats(m, use_running=True), None),              # frozen on the running statistics
+    (lambda m: setattr(m[1], "single_sample", "skip_update"), "warning"),   # works, outputs the bias
+])
+def test_single_value_batch_finding_follows_what_training_does(calibrate, setup, expected):
+    # doctor said "training on it raises" (an error) for layers that train on such a batch without raising.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), bnkit.BatchNorm1d(4))
+    data = torch.randn(257, 4)  # two batches of 128 and one of 1
+    calibrate(model, list(data.split(128)), num_batches=None, progress=False)
+    setup(model)
+    model.train()
+    try:
+        model(data[:1])
+        raised = False
+    except ValueError:
+        raised = True
+    assert raised == (expected == "error")  # the premise, from the layer itself
+    model.eval()
+    found = [f.severity for f in doctor(model, data, batch_size=128).findings_for("1") if "single value" in f.problem]
+    assert found == ([expected] if expected else [])
