@@ -268,10 +268,22 @@ def _capture_calls(model: nn.Module, names: list[str]):
     return store, lambda: [h.remove() for h in handles]
 
 
+def _call_input(args: tuple, kwargs: dict) -> torch.Tensor:
+    return args[0] if args else kwargs["input"]
+
+
 def _values_per_channel(layer: nn.Module, args: tuple, kwargs: dict) -> int:
     """Values per channel in one call's input: the elements over the size of the layer's channel ``axis``."""
-    x = args[0] if args else kwargs["input"]
+    x = _call_input(args, kwargs)
     return x.numel() // x.shape[getattr(layer, "axis", 1)]
+
+
+def _single_value_behaviour(bn: nn.Module) -> str:
+    """What training does with a batch of one value per channel: ``"raise"``, ``"use_running"`` (eval's
+    numbers: bnkit's ``single_sample`` or a freeze on the running statistics) or ``"skip_update"``."""
+    if not isinstance(bn, torch.jit.ScriptModule) and stats_frozen_mode(bn) == "running":
+        return "use_running"
+    return getattr(bn, "single_sample", "raise")
 
 
 def _train_eval_gap(layer: nn.Module, args: tuple, kwargs: dict) -> float | None:
@@ -369,7 +381,10 @@ def doctor(model: nn.Module, data, num_batches: int = 50, batch_size: int = 64, 
         diagnoses.append(d)
         findings += _layer_findings(d, bn, limits, model.training)
 
-    findings += _data_findings(data)
+    # which layers a last batch of one sample makes raise (unknown for TorchScript: no per-layer calls)
+    raising = None if measured.one_per_sample is None else [
+        name for name, bn in layers if name in measured.one_per_sample and _single_value_behaviour(bn) == "raise"]
+    findings += _data_findings(data, raising)
     y_eval = measured.y_eval
     summary = {"batches": len(batches), "samples": measured.samples, "mode": mode,
                "output_gap_train_vs_eval": _rel_rms(measured.y_train, y_eval)
@@ -391,6 +406,7 @@ class _Measured:
     y_eval: object = None
     y_pop: object = None
     findings: list = field(default_factory=list)
+    one_per_sample: set | None = None               # layers given one value per channel per sample (eager only)
 
 
 def _measure_eager(model: nn.Module, names: list[str], batches: list, forward, mode: str, progress: bool) -> _Measured:
@@ -400,6 +416,7 @@ def _measure_eager(model: nn.Module, names: list[str], batches: list, forward, m
     store, remove = _capture_calls(probe, names)
     layers = {n: probe.get_submodule(n) for n in names}
     values = m.values = {n: [] for n in names}  # values[n][i]: fewest values per channel in batch i
+    m.one_per_sample = set()
     for batch in batches:
         _call(probe, batch, forward)
         if store[names[0]]:
@@ -407,6 +424,8 @@ def _measure_eager(model: nn.Module, names: list[str], batches: list, forward, m
             m.samples += (args[0] if args else kwargs["input"]).shape[0]
         for n in names:
             values[n].append(min((_values_per_channel(layers[n], *call) for call in store[n]), default=0))
+            if any(_values_per_channel(layers[n], *call) == _call_input(*call).shape[0] for call in store[n]):
+                m.one_per_sample.add(n)
             store[n].clear()
 
     # The probe batch (the one with the most values per channel) in eval mode and with the batch-norm
@@ -528,10 +547,10 @@ def _layer_findings(d: LayerDiagnosis, bn: nn.Module, limits: dict, model_traini
             "check for dead ReLUs upstream (lower the learning rate, check initialization) or prune these "
             "channels; bnkit.fold(model) then removes the batch norm for inference")
     v = d.min_values_per_channel
-    single_sample = getattr(bn, "single_sample", "raise")  # bnkit's choice for a batch of one value per channel
-    if v == 1 and (frozen == "running" or single_sample == "use_running"):
+    single_value = _single_value_behaviour(bn)
+    if v == 1 and single_value == "use_running":
         pass  # such a batch is normalized with the running statistics, as in eval: nothing raises
-    elif v == 1 and single_sample == "skip_update":
+    elif v == 1 and single_value == "skip_update":
         add("warning", "a batch gives this layer a single value per channel: with single_sample='skip_update' "
                        "training normalizes it with its own statistics, so the layer outputs its bias for it",
             "DataLoader(..., drop_last=True); or single_sample='use_running'")
@@ -577,18 +596,24 @@ def _too_few_updates(d: LayerDiagnosis, bn: nn.Module, limits: dict) -> list[Fin
                     f"or with momentum=None (cumulative average) or a bnkit.momentum.Schedule")]
 
 
-def _data_findings(data) -> list[Finding]:
+def _data_findings(data, raising: list[str] | None) -> list[Finding]:
+    """A DataLoader whose last batch has one sample: an error naming the layers that raise on it (``raising``;
+    ``None`` when unknown), else a warning (one sample's statistics)."""
     if not isinstance(data, torch.utils.data.DataLoader) or data.drop_last or not data.batch_size:
         return []
     try:  # the sampler decides how many samples an epoch draws (a subset, this rank's shard, ...)
         n = len(data.dataset) if isinstance(data.dataset, torch.utils.data.IterableDataset) else len(data.sampler)
     except TypeError:
         return []
-    if n % data.batch_size == 1:
-        return [Finding(MODEL, "error", f"the DataLoader's last batch has one sample ({n} samples, batch_size="
-                                         f"{data.batch_size}, drop_last=False): training raises on it",
-                        "DataLoader(..., drop_last=True)")]
-    return []
+    if n % data.batch_size != 1:
+        return []
+    last = f"the DataLoader's last batch has one sample ({n} samples, batch_size={data.batch_size}, drop_last=False)"
+    if raising == []:  # every layer gets several values per channel from one sample, or handles a single one
+        return [Finding(MODEL, "warning", f"{last}: its batch statistics come from one sample, a noisy update of "
+                                          f"the running statistics", "DataLoader(..., drop_last=True)")]
+    return [Finding(MODEL, "error", f"{last}: training raises on it"
+                    + (f" (layers {raising} get one value per channel from it)" if raising else ""),
+                    "DataLoader(..., drop_last=True)")]
 
 
 def _plots(report: DoctorReport, out: Path) -> list[str]:

@@ -407,7 +407,7 @@ def test_single_value_batch_finding_follows_what_training_does(calibrate, setup,
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 4), bnkit.BatchNorm1d(4))
     data = torch.randn(257, 4)  # two batches of 128 and one of 1
-    calibrate(model, list(data.split(128)), num_batches=None, progress=False)
+    calibrate(model, list(data[:256].split(128)), num_batches=None, progress=False)
     setup(model)
     model.train()
     try:
@@ -419,3 +419,25 @@ def test_single_value_batch_finding_follows_what_training_does(calibrate, setup,
     model.eval()
     found = [f.severity for f in doctor(model, data, batch_size=128).findings_for("1") if "single value" in f.problem]
     assert found == ([expected] if expected else [])
+
+
+def test_loader_last_batch_of_one_is_an_error_only_where_a_layer_raises(calibrate):
+    # A model of BatchNorm2d layers trains on one image (H x W values per channel); doctor said "training
+    # raises on it" (an error) for every loader ending in a batch of one.
+    torch.manual_seed(0)
+    convs = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3), bnkit.BatchNorm2d(4))
+    with_linear = nn.Sequential(*convs, nn.Flatten(), nn.Linear(64, 4), nn.BatchNorm1d(4))
+    loader = torch.utils.data.DataLoader(_data(n=257), batch_size=128)
+    for model, severity, named in ((convs, "warning", None), (with_linear, "error", "['7']")):
+        calibrate(model, list(_data(n=256).split(128)), num_batches=None, progress=False)
+        model.train()
+        try:
+            model(_data(n=1))
+            raised = False
+        except ValueError:
+            raised = True
+        assert raised == (severity == "error")  # the premise, from the model itself
+        model.eval()
+        [f] = [f for f in doctor(model, loader).findings_for("(model)") if "DataLoader" in f.problem]
+        assert f.severity == severity and "drop_last=True" in f.fix
+        assert named is None or named in f.problem
