@@ -126,27 +126,40 @@ class CalibrationReport:
     passes: int
     single_value_batches: int = 0
 
-    def __rich__(self):
-        from rich.table import Table
+    _COLUMNS = ("layer", "type", "level", "samples", "mean change (old std)", "var change (rel.)")
 
+    def _title(self) -> str:
+        return (f"bnkit.calibrate ({self.mode}): {self.batches} batches used, {self.skipped_batches} skipped "
+                f"(non-finite), " + (f"{self.single_value_batches} left out (one value per channel), "
+                                     if self.single_value_batches else "") + f"{self.passes} pass(es)"
+                + (", loader shorter than asked" if self.short_loader else ""))
+
+    def _rows(self) -> list[tuple[str, ...]]:
         def fmt(v):
             return "-" if v is None else f"{v:.3g}"
 
-        table = Table(title=f"bnkit.calibrate ({self.mode}): {self.batches} batches used, "
-                            f"{self.skipped_batches} skipped (non-finite), "
-                            + (f"{self.single_value_batches} left out (one value per channel), "
-                               if self.single_value_batches else "") + f"{self.passes} pass(es)"
-                            + (", loader shorter than asked" if self.short_loader else ""))
-        for col in ("layer", "type", "level", "samples", "mean change (old std)", "var change (rel.)"):
+        return [(layer.name or "(model)", layer.kind, str(layer.level), str(layer.samples), fmt(layer.mean_change),
+                 fmt(layer.var_change)) for layer in self.layers]
+
+    def __rich__(self):
+        from rich.table import Table
+
+        table = Table(title=self._title())
+        for col in self._COLUMNS:
             table.add_column(col, justify="left" if col in ("layer", "type") else "right")
-        for layer in self.layers:
-            table.add_row(layer.name or "(model)", layer.kind, str(layer.level), str(layer.samples),
-                          fmt(layer.mean_change), fmt(layer.var_change))
+        for row in self._rows():
+            table.add_row(*row)
         return table
 
     def __str__(self) -> str:
-        from rich.console import Console
-
+        try:
+            from rich.console import Console
+        except ImportError:  # rich comes with the demo extra; without it, the same table in plain text
+            rows = [self._COLUMNS, *self._rows()]
+            widths = [max(len(r[j]) for r in rows) for j in range(len(self._COLUMNS))]
+            return "\n".join([self._title()] + ["  ".join(c.ljust(w) if j < 2 else c.rjust(w)
+                                                          for j, (c, w) in enumerate(zip(r, widths))).rstrip()
+                                                for r in rows])
         buf = io.StringIO()
         Console(file=buf, width=120, color_system=None).print(self.__rich__())
         return buf.getvalue().rstrip()

@@ -3,6 +3,7 @@ concatenated activations, full-eval activations, single-process runs for the dis
 from __future__ import annotations
 
 import copy
+import sys
 import time
 import warnings
 from datetime import timedelta
@@ -591,3 +592,18 @@ def test_float16_statistics_beyond_the_dtype_leave_the_layer_unchanged_with_a_wa
     assert torch.equal(model[1].running_var, torch.ones(2, dtype=torch.float16))
     assert torch.equal(model[1].running_mean, torch.zeros(2, dtype=torch.float16))
     assert report.layers[0].samples == 0 and report.layers[0].var_change is None
+
+
+def test_report_prints_without_rich(monkeypatch):
+    # `pip install bnkit` has no rich (demo extra): print(report), as the README shows, raised
+    # "No module named 'rich'".
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2), nn.BatchNorm1d(2))
+    report = bnkit.calibrate(model, [torch.randn(8, 3) for _ in range(5)], num_batches=None, progress=False)
+    with_rich = str(report)
+    for name in ("rich", "rich.console", "rich.table"):
+        monkeypatch.setitem(sys.modules, name, None)  # any import of them now raises ImportError
+    text = str(report).splitlines()
+    assert text[0] == "bnkit.calibrate (precise): 5 batches used, 0 skipped (non-finite), 1 pass(es)"
+    assert text[0] in with_rich
+    assert text[1].split()[:4] == ["layer", "type", "level", "samples"]
+    assert [line.split()[:4] for line in text[2:]] == [["1", "BatchNorm1d", "0", "40"], ["3", "BatchNorm1d", "0", "40"]]
