@@ -275,7 +275,8 @@ class _Capture:
     of all ranks, while calibrate merges each rank's own (see the module docstring).
     """
 
-    def __init__(self, modules: list[nn.Module], indices: list[int]):
+    def __init__(self, modules: list[nn.Module], indices: list[int], names: list[str]):
+        self.names = names
         self.batch: dict[int, Moments] = {}
         self.total: dict[int, Moments] = {}
         self.handles = [modules[i].register_forward_pre_hook(self._hook(i), with_kwargs=True) for i in indices]
@@ -299,6 +300,11 @@ class _Capture:
             axis = getattr(module, "axis", 1)
             if not isinstance(x, torch.Tensor) or x.dim() < 2 or not -x.dim() <= axis < x.dim():
                 return  # the layer refuses this input itself, with a message naming it
+            if x.shape[axis] != module.num_features and not isinstance(module, BatchNormBase):
+                # bnkit layers say it themselves; torch's batch-statistics call names a weight size only
+                raise ValueError(f"calibrate: layer {self.names[i]!r}, {type(module).__name__}({module.num_features}): "
+                                 f"expected {module.num_features} channels in dimension 1, got {x.shape[axis]} "
+                                 f"(input shape {tuple(x.shape)})")
             self._add(i, Moments.of(x.movedim(axis, 1)), x.numel() // max(x.shape[axis], 1), x.shape[0])
         return hook
 
@@ -582,7 +588,7 @@ def calibrate(model: nn.Module, data: Iterable, num_samples: int | None = None, 
             for i, m in enumerate(modules):
                 m.training = level[i] >= depth
             batches = _Batches(data, num_samples, num_batches)
-            capture = _Capture(modules, captured)
+            capture = _Capture(modules, captured, names)
             _read_pass(model, batches, forward, capture, probe, skipped, single, bar,
                        "calibrate" if mode == "precise" else f"calibrate level {depth}")
             if first is None:

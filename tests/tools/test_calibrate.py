@@ -607,3 +607,14 @@ def test_report_prints_without_rich(monkeypatch):
     assert text[0] in with_rich
     assert text[1].split()[:4] == ["layer", "type", "level", "samples"]
     assert [line.split()[:4] for line in text[2:]] == [["1", "BatchNorm1d", "0", "40"], ["3", "BatchNorm1d", "0", "40"]]
+
+
+def test_wrong_channel_count_in_a_torch_layer_is_named_and_nothing_changes():
+    # torch's own error inside calibrate said "weight should contain 5 elements not 4", naming no layer.
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 5), nn.BatchNorm1d(4))
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=r"calibrate: layer '3', BatchNorm1d\(4\): expected 4 channels in dimension 1, "
+                                         r"got 5 \(input shape \(8, 5\)\)"):
+        bnkit.calibrate(model, [torch.randn(8, 3) for _ in range(2)], num_batches=None, progress=False)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())
