@@ -35,6 +35,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ..nn.domain import DomainBatchNorm
 from ..nn.frozen import FrozenBatchNorm
 from ..ops import activation_module, eval_scale_shift
 from .freezing import check_initialized
@@ -301,7 +302,15 @@ def fold(model: nn.Module, inplace: bool = False) -> tuple[nn.Module, FoldReport
     param_names: dict[int, list[str]] = {}
     for pname, p in model.named_parameters(remove_duplicate=False):
         param_names.setdefault(id(p), []).append(pname)
+    # The layers of a DomainBatchNorm share their input: a trace (under use_domain) sees only one of them.
+    domain_of = {id(b): dn_name for dn_name, dn in model.named_modules() if isinstance(dn, DomainBatchNorm)
+                 for b in dn.modules() if b is not dn}
     for name, bn in layers:
+        if id(bn) in domain_of:
+            report.not_folded.append(NotFolded(name, f"it is one domain's layer of {domain_of[id(bn)]!r} "
+                                                     f"(DomainBatchNorm): the other domains normalize the same input, "
+                                                     f"which folding would change"))
+            continue
         found = candidates.get(name)
         if found is None:
             reason = ("it is not called in forward" if report.method == "fx" else

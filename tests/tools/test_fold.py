@@ -361,3 +361,21 @@ def test_lazy_layer_not_initialized_is_named(lazy):
     assert bnkit.tools.fold.eval_affine(model[1]) is None
     with pytest.raises(ValueError, match="lazy layer that has not been initialized"):
         bnkit.to_keras(model[1])
+
+
+@pytest.mark.parametrize("domain", [0, 1])
+def test_domain_batch_norm_layers_are_not_folded(domain):
+    # Under use_domain(d) torch.fx sees only domain d's layer: it was folded into the shared conv, and the
+    # other domain then normalized the folded output (float64 eval off by ~1.8 for it).
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), bnkit.DomainBatchNorm2d(4, num_domains=2)).double().eval()
+    for bn in model[1].domains:
+        _randomize_bn(bn, torch.Generator().manual_seed(domain))
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    with torch.no_grad():
+        want = [model[1](model[0](x), domain=d) for d in (0, 1)]
+        with bnkit.use_domain(model, domain):
+            folded, report = fold(model)
+        for d in (0, 1):
+            torch.testing.assert_close(folded[1](folded[0](x), domain=d), want[d], rtol=1e-12, atol=1e-12)
+    assert not report.folded and all("DomainBatchNorm" in n.reason for n in report.not_folded), str(report)
