@@ -38,7 +38,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from ..nn.domain import DomainBatchNorm
 from ..nn.frozen import FrozenBatchNorm
 from ..ops import activation_module, eval_scale_shift
-from .freezing import check_initialized
+from .freezing import check_initialized, freeze_hook_ids
 
 __all__ = ["fold", "eval_affine", "FoldReport", "FoldedPair", "NotFolded"]
 
@@ -247,6 +247,12 @@ def _fold_into(layer: nn.Module, scale: torch.Tensor, shift: torch.Tensor) -> No
         layer.bias.copy_(new_b.to(layer.bias.dtype))
 
 
+def _has_forward_hooks(m: nn.Module) -> bool:
+    """Forward (pre-)hooks other than bnkit's freeze hooks (which do not change eval): torch.fx does not see them."""
+    own = freeze_hook_ids(m)
+    return any(k not in own for hooks in (m._forward_pre_hooks, m._forward_hooks) for k in hooks)
+
+
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name), child, new)
@@ -325,9 +331,16 @@ def fold(model: nn.Module, inplace: bool = False) -> tuple[nn.Module, FoldReport
         shared = [n for n, m in ((name, bn), (found, layer)) if uses[id(m)] > 1]
         tied = [n for t in (layer.weight, layer.bias) if t is not None
                 for n in param_names.get(id(t), ()) if n.rpartition(".")[0] != found]
-        folding = (f"{shared[0]} is shared (registered {uses[id(model.get_submodule(shared[0]))]} times in the model)"
-                   if shared else f"a parameter of {found} is tied to {tied}; folding would change it there"
-                   if tied else _fold_map(bn, layer, found))
+        hooked = [n for n, m in ((found, layer), (name, bn)) if _has_forward_hooks(m)]
+        if shared:
+            folding = f"{shared[0]} is shared (registered {uses[id(model.get_submodule(shared[0]))]} times in the model)"
+        elif tied:
+            folding = f"a parameter of {found} is tied to {tied}; folding would change it there"
+        elif hooked:
+            folding = (f"{hooked[0]} has forward hooks, which would see the folded values (or be dropped with the "
+                       f"batch-norm layer); remove them first")
+        else:
+            folding = _fold_map(bn, layer, found)
         if isinstance(folding, str):  # the reason it cannot fold exactly
             report.not_folded.append(NotFolded(name, folding))
             continue

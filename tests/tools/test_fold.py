@@ -379,3 +379,27 @@ def test_domain_batch_norm_layers_are_not_folded(domain):
         for d in (0, 1):
             torch.testing.assert_close(folded[1](folded[0](x), domain=d), want[d], rtol=1e-12, atol=1e-12)
     assert not report.folded and all("DomainBatchNorm" in n.reason for n in report.not_folded), str(report)
+
+
+def test_modules_with_forward_hooks_are_not_folded():
+    # torch.fx does not see hooks: a hook scaling the conv's output then scaled the folded (already
+    # normalized) output (float64 eval off by 1.2), and a hook on the batch-norm layer was dropped with it.
+    torch.manual_seed(0)
+    for hooked in (0, 1):
+        model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()).double().eval()
+        _randomize_bn(model[1], torch.Generator().manual_seed(0))
+        model[hooked].register_forward_hook(lambda module, args, out: out * 2)
+        x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+        with torch.no_grad():
+            want = model(x)
+            folded, report = fold(model)
+            torch.testing.assert_close(folded(x), want, rtol=1e-12, atol=1e-12)
+        [why] = report.not_folded
+        assert f"{hooked} has forward hooks" in why.reason
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()).double().eval()
+    _randomize_bn(model[1], torch.Generator().manual_seed(0))
+    bnkit.freeze_stats(model[1])  # bnkit's own freeze hooks do not change eval: it folds
+    with torch.no_grad():
+        folded, report = fold(model)
+        torch.testing.assert_close(folded(x), model(x), rtol=1e-12, atol=1e-12)
+    assert len(report.folded) == 1, str(report)
