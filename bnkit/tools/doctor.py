@@ -501,7 +501,11 @@ def _layer_findings(d: LayerDiagnosis, bn: nn.Module, limits: dict, model_traini
     def add(severity, problem, fix):
         out.append(Finding(d.name, severity, problem, fix))
 
-    if d.momentum is not None and d.momentum >= KERAS_LOOKALIKE_THRESHOLD:
+    if d.momentum is not None and d.momentum >= 1:  # as a Keras decay it would never update: not a lookalike
+        add("warning", f"momentum={d.momentum:g} in PyTorch's convention gives the newest batch all the weight: "
+                       f"the running statistics are those of the last batch only",
+            "use a momentum such as 0.1, or momentum=None (cumulative average); then bnkit.calibrate(model, loader)")
+    elif d.momentum is not None and d.momentum >= KERAS_LOOKALIKE_THRESHOLD:
         add("warning", f"momentum={d.momentum:g} in PyTorch's convention gives the newest batch {d.momentum:.0%} "
                        f"of the weight: the running statistics follow the last few batches only. It looks like a "
                        f"Keras/TF decay passed as torch momentum.",

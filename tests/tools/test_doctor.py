@@ -441,3 +441,14 @@ def test_loader_last_batch_of_one_is_an_error_only_where_a_layer_raises(calibrat
         [f] = [f for f in doctor(model, loader).findings_for("(model)") if "DataLoader" in f.problem]
         assert f.severity == severity and "drop_last=True" in f.fix
         assert named is None or named in f.problem
+
+
+def test_momentum_one_is_not_fixed_with_a_momentum_that_never_updates():
+    # momentum=1 was read as a Keras decay of 1 and the fix said "use momentum=0 (torch), or
+    # bnkit.momentum.Decay(1)": both never update the running statistics.
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, momentum=1.0)).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # calibrate's and the layer's own notes
+        [f] = [f for f in doctor(model, _data(256)).findings_for("1") if "momentum=1 " in f.problem]
+    assert "last batch only" in f.problem and "Keras" not in f.problem
+    assert "momentum=0 " not in f.fix and "Decay(1)" not in f.fix and "momentum=None" in f.fix
