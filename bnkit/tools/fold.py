@@ -114,8 +114,16 @@ class _LeafTracer(torch.fx.Tracer):
 
 
 def _fx_candidates(model: nn.Module) -> dict[str, str | NotFolded]:
-    """``bn name -> producer name`` for foldable pairs, or ``NotFolded`` with the reason. Raises if untraceable."""
-    graph = _LeafTracer().trace(model)
+    """``bn name -> producer name`` for foldable pairs, or ``NotFolded`` with the reason. Raises if untraceable.
+
+    Traced in eval mode (the modes are restored after): the folded model is for inference, and a forward
+    that branches on ``self.training`` may use a conv's output elsewhere only in eval."""
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        graph = _LeafTracer().trace(model.eval())
+    finally:
+        for m, training in modes:
+            m.training = training
     calls: dict[str, int] = {}
     for node in graph.nodes:
         if node.op == "call_module":

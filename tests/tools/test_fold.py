@@ -403,3 +403,28 @@ def test_modules_with_forward_hooks_are_not_folded():
         folded, report = fold(model)
         torch.testing.assert_close(folded(x), model(x), rtol=1e-12, atol=1e-12)
     assert len(report.folded) == 1, str(report)
+
+
+def test_forward_branching_on_training_is_traced_as_in_eval():
+    # fold of a model in training mode traced the training branch, where the conv output feeds the batch norm
+    # only; in eval it is also added after it, so folding changed the eval output by 1.75 (float64).
+    class Branching(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            z = self.conv(x)
+            return self.bn(z) if self.training else self.bn(z) + z
+
+    torch.manual_seed(0)
+    model = Branching().double()
+    _randomize_bn(model.bn, torch.Generator().manual_seed(0))
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    for inplace in (False, True):
+        model.train()
+        folded, report = fold(model, inplace=inplace)
+        assert folded.training and folded.bn.training  # modes as they were
+        with torch.no_grad():
+            torch.testing.assert_close(folded.eval()(x), model.eval()(x), rtol=1e-12, atol=1e-12)
+        assert not report.folded and "also used by" in report.not_folded[0].reason
