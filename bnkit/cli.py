@@ -67,15 +67,19 @@ def _momentum(args, console) -> int:
     except ValueError as e:
         raise CLIError(str(e)) from None
     flag = {"decay": "--keras", "momentum": "--torch", "half_life": "--half-life"}[convention]
+    # The code column must mean the same momentum when pasted: 10 digits (6 turn Decay(0.9999999) into
+    # Decay(1), which never updates), inf spelled as Python reads it, and no HalfLife(0), which bnkit refuses.
+    code = {k: 'float("inf")' if v == float("inf") else f"{v:.10g}" for k, v in values.items()}
+    half_life = (f"bnkit.BatchNorm2d(C, momentum=bnkit.momentum.HalfLife({code['half_life']}))"
+                 if values["half_life"] > 0 else "none: momentum 1 keeps only the newest batch")
     t = Table(title=f"{flag} {value:g}", title_justify="left")
     for col in ("convention", "value", "in bnkit / torch"):
         t.add_column(col, overflow="fold")  # the code column wraps rather than ending in "…"
     t.add_row("PyTorch momentum (weight of the new batch)", f"{values['momentum']:.6g}",
-              f"torch.nn.BatchNorm2d(C, momentum={values['momentum']:.6g})")
+              f"torch.nn.BatchNorm2d(C, momentum={code['momentum']})")
     t.add_row("Keras/TF/Flax momentum (weight of the old value)", f"{values['decay']:.6g}",
-              f"bnkit.BatchNorm2d(C, momentum=bnkit.momentum.Decay({values['decay']:.6g}))")
-    t.add_row("half-life (steps until a batch's weight halves)", f"{values['half_life']:.6g}",
-              f"bnkit.BatchNorm2d(C, momentum=bnkit.momentum.HalfLife({values['half_life']:.6g}))")
+              f"bnkit.BatchNorm2d(C, momentum=bnkit.momentum.Decay({code['decay']}))")
+    t.add_row("half-life (steps until a batch's weight halves)", f"{values['half_life']:.6g}", half_life)
     console.print(t)
     return 0
 

@@ -68,15 +68,17 @@ def _torch_hooks(layer: _BatchNorm, acc: _Accumulator) -> list:
         saved.append(module.track_running_stats)
         module.track_running_stats = False
 
-    def after(module, args, output):
+    def after(module, args, kwargs, output):
+        if not module.training:  # eval normalizes with the running statistics: nothing to pool (as bnkit's hook)
+            return
         with torch.no_grad():
-            acc.add(Moments.of(args[0]))
+            acc.add(Moments.of(args[0] if args else kwargs["input"]))
 
     def restore(module, args, output):
         if saved:  # always_call: also after a call that failed in an earlier hook
             module.track_running_stats = saved.pop()
 
-    return [layer.register_forward_pre_hook(before), layer.register_forward_hook(after),
+    return [layer.register_forward_pre_hook(before), layer.register_forward_hook(after, with_kwargs=True),
             layer.register_forward_hook(restore, always_call=True)]
 
 
@@ -90,7 +92,8 @@ def accumulate(model: torch.nn.Module, steps: int):
     """``with bnkit.accumulate(model, steps=k):`` update running statistics once per k micro-batches.
 
     Works on bnkit and ``torch.nn`` batch-norm layers. Layers whose statistics are frozen (or not
-    tracked) are left alone. A batch a layer refuses (wrong shape, a batch of one) is not pooled.
+    tracked) are left alone. A batch a layer refuses (wrong shape, a batch of one) is not pooled. A live
+    ghost layer (``virtual_batch_size``) is refused on entry.
     The model's mode, momentum and conventions are unchanged. bnkit layers are driven through their
     public API (``stats_frozen``, :meth:`~bnkit.BatchNormBase.register_moments_hook`,
     :meth:`~bnkit.BatchNormBase.fold_moments`); contexts do not nest on the same layer.
@@ -105,6 +108,11 @@ def accumulate(model: torch.nn.Module, steps: int):
             raise RuntimeError(f"accumulate: {getattr(layer, 'layer_name', type(layer).__name__)} "
                                f"({name or 'the model'}) is already inside an accumulate() context")
     live = [layer for _, layer in layers if _live(layer)]
+    for name, layer in layers:  # refused here, before any layer is touched: in forward it came part-way
+        if layer in live and getattr(layer, "virtual_batch_size", None) is not None:
+            raise ValueError(f"accumulate: {layer.layer_name} ({name or 'the model'}): ghost-batch statistics "
+                             f"(virtual_batch_size={layer.virtual_batch_size}) cannot be pooled over micro-batches "
+                             f"as one batch; use plain batch norm, or freeze its statistics (bnkit.freeze_stats)")
     accumulators, handles = [], []
     for layer in live:
         acc = _Accumulator(layer, steps)

@@ -76,7 +76,7 @@ from torch import nn
 
 from ..nn import BatchNormBase
 from ..stats import Moments
-from .freezing import batch_norm_layers, frozen_stats
+from .freezing import batch_norm_layers, check_initialized, frozen_stats
 
 __all__ = ["calibrate", "CalibrationReport", "LayerCalibration", "MODES"]
 
@@ -126,27 +126,40 @@ class CalibrationReport:
     passes: int
     single_value_batches: int = 0
 
-    def __rich__(self):
-        from rich.table import Table
+    _COLUMNS = ("layer", "type", "level", "samples", "mean change (old std)", "var change (rel.)")
 
+    def _title(self) -> str:
+        return (f"bnkit.calibrate ({self.mode}): {self.batches} batches used, {self.skipped_batches} skipped "
+                f"(non-finite), " + (f"{self.single_value_batches} left out (one value per channel), "
+                                     if self.single_value_batches else "") + f"{self.passes} pass(es)"
+                + (", loader shorter than asked" if self.short_loader else ""))
+
+    def _rows(self) -> list[tuple[str, ...]]:
         def fmt(v):
             return "-" if v is None else f"{v:.3g}"
 
-        table = Table(title=f"bnkit.calibrate ({self.mode}): {self.batches} batches used, "
-                            f"{self.skipped_batches} skipped (non-finite), "
-                            + (f"{self.single_value_batches} left out (one value per channel), "
-                               if self.single_value_batches else "") + f"{self.passes} pass(es)"
-                            + (", loader shorter than asked" if self.short_loader else ""))
-        for col in ("layer", "type", "level", "samples", "mean change (old std)", "var change (rel.)"):
+        return [(layer.name or "(model)", layer.kind, str(layer.level), str(layer.samples), fmt(layer.mean_change),
+                 fmt(layer.var_change)) for layer in self.layers]
+
+    def __rich__(self):
+        from rich.table import Table
+
+        table = Table(title=self._title())
+        for col in self._COLUMNS:
             table.add_column(col, justify="left" if col in ("layer", "type") else "right")
-        for layer in self.layers:
-            table.add_row(layer.name or "(model)", layer.kind, str(layer.level), str(layer.samples),
-                          fmt(layer.mean_change), fmt(layer.var_change))
+        for row in self._rows():
+            table.add_row(*row)
         return table
 
     def __str__(self) -> str:
-        from rich.console import Console
-
+        try:
+            from rich.console import Console
+        except ImportError:  # rich comes with the demo extra; without it, the same table in plain text
+            rows = [self._COLUMNS, *self._rows()]
+            widths = [max(len(r[j]) for r in rows) for j in range(len(self._COLUMNS))]
+            return "\n".join([self._title()] + ["  ".join(c.ljust(w) if j < 2 else c.rjust(w)
+                                                          for j, (c, w) in enumerate(zip(r, widths))).rstrip()
+                                                for r in rows])
         buf = io.StringIO()
         Console(file=buf, width=120, color_system=None).print(self.__rich__())
         return buf.getvalue().rstrip()
@@ -184,6 +197,7 @@ def _check_arguments(model, data, num_samples, num_batches, mode, forward) -> No
     for arg, value in (("num_samples", num_samples), ("num_batches", num_batches)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"calibrate: {arg} must be a positive int or None, got {value!r}")
+    check_initialized(model, "calibrate")
     if forward is not None and not callable(forward):
         raise TypeError(f"calibrate: forward must be a callable (model, batch) -> output, got {type(forward).__name__}")
     if mode == "eval_consistent" and torch.is_inference_mode_enabled():
@@ -261,7 +275,8 @@ class _Capture:
     of all ranks, while calibrate merges each rank's own (see the module docstring).
     """
 
-    def __init__(self, modules: list[nn.Module], indices: list[int]):
+    def __init__(self, modules: list[nn.Module], indices: list[int], names: list[str]):
+        self.names = names
         self.batch: dict[int, Moments] = {}
         self.total: dict[int, Moments] = {}
         self.handles = [modules[i].register_forward_pre_hook(self._hook(i), with_kwargs=True) for i in indices]
@@ -285,6 +300,11 @@ class _Capture:
             axis = getattr(module, "axis", 1)
             if not isinstance(x, torch.Tensor) or x.dim() < 2 or not -x.dim() <= axis < x.dim():
                 return  # the layer refuses this input itself, with a message naming it
+            if x.shape[axis] != module.num_features and not isinstance(module, BatchNormBase):
+                # bnkit layers say it themselves; torch's batch-statistics call names a weight size only
+                raise ValueError(f"calibrate: layer {self.names[i]!r}, {type(module).__name__}({module.num_features}): "
+                                 f"expected {module.num_features} channels in dimension 1, got {x.shape[axis]} "
+                                 f"(input shape {tuple(x.shape)})")
             self._add(i, Moments.of(x.movedim(axis, 1)), x.numel() // max(x.shape[axis], 1), x.shape[0])
         return hook
 
@@ -533,9 +553,9 @@ def calibrate(model: nn.Module, data: Iterable, num_samples: int | None = None, 
         and skipped, whether the loader was short, passes).
 
     Raises:
-        ValueError: no batch-norm layer with running statistics, a bad argument, or a one-shot
-            iterator (or ``torch.inference_mode``) with ``mode="eval_consistent"``. Nothing is
-            changed when it raises, also when the model's forward raises part-way.
+        ValueError: no batch-norm layer with running statistics, a lazy module not initialized yet, a bad
+            argument, or a one-shot iterator (or ``torch.inference_mode``) with ``mode="eval_consistent"``.
+            Nothing is changed when it raises, also when the model's forward raises part-way.
 
     >>> model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
     >>> report = calibrate(model, [torch.randn(8, 3) for _ in range(5)], num_batches=None, progress=False)
@@ -556,6 +576,7 @@ def calibrate(model: nn.Module, data: Iterable, num_samples: int | None = None, 
     level = [0] * len(modules)
     skipped: set[int] = set()
     single: dict[int, tuple[int, int]] = {}
+    overflow: dict[int, Moments] = {}  # layers whose statistics do not fit their buffers' dtype
 
     with _calibration_state(model, modules), _progress_bar(progress) as bar:
         passes, depth, first = 1, 0, None
@@ -567,7 +588,7 @@ def calibrate(model: nn.Module, data: Iterable, num_samples: int | None = None, 
             for i, m in enumerate(modules):
                 m.training = level[i] >= depth
             batches = _Batches(data, num_samples, num_batches)
-            capture = _Capture(modules, captured)
+            capture = _Capture(modules, captured, names)
             _read_pass(model, batches, forward, capture, probe, skipped, single, bar,
                        "calibrate" if mode == "precise" else f"calibrate level {depth}")
             if first is None:
@@ -597,12 +618,27 @@ def calibrate(model: nn.Module, data: Iterable, num_samples: int | None = None, 
             with torch.no_grad():
                 for i, m in zip(done, merged):
                     if m.count[0] > 0:
+                        layer = modules[i]
+                        mean = m.mean.to(layer.running_mean.dtype)
+                        var = m.var(unbiased=_stores_unbiased(layer)).to(layer.running_var.dtype)
+                        if not (torch.isfinite(mean).all() and torch.isfinite(var).all()):
+                            overflow[i] = m  # beyond the buffers' dtype (float16: 65504): inf would be stored
+                            continue
                         results[i] = m
-                        modules[i].running_mean.copy_(m.mean)
-                        modules[i].running_var.copy_(m.var(unbiased=_stores_unbiased(modules[i])))
+                        layer.running_mean.copy_(mean)
+                        layer.running_var.copy_(var)
             depth += 1
 
-    never = [names[i] for i in range(len(modules)) if i not in results]
+    if overflow:
+        i, m = next(iter(overflow.items()))
+        big = torch.maximum(m.mean.abs(), m.var(unbiased=_stores_unbiased(modules[i])))
+        c = int(big.argmax())
+        warnings.warn(f"calibrate: the population statistics of layer(s) {[names[j] for j in overflow]} do not fit "
+                      f"their buffers' dtype (layer {names[i]!r}, {modules[i].running_var.dtype}: channel {c} has "
+                      f"mean {float(m.mean[c]):.4g}, variance {float(big[c]):.4g}); storing them would make the running "
+                      f"statistics inf, so they are unchanged. Keep batch-norm layers in float32 to calibrate them",
+                      RuntimeWarning, stacklevel=2)
+    never = [names[i] for i in range(len(modules)) if i not in results and i not in overflow]
     if never:
         warnings.warn(f"calibrate: layer(s) {never} never ran on the data; their running statistics are unchanged",
                       RuntimeWarning, stacklevel=2)

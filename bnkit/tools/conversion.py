@@ -20,7 +20,8 @@ conversion keeps training them, and ``requires_grad`` is unchanged) and the same
 layers, and frozen statistics (``bnkit.freeze_stats``) across torch <-> bnkit. Across the frozen
 boundary values are *copied* (frozen layers hold buffers, not Parameters; a layer unfrozen gets new
 Parameters with ``requires_grad=True`` and ``num_batches_tracked=0``). Hooks registered on the old
-layers are not carried over. Layers already of the target kind are left as they are.
+layers are not carried over (their handles belong to the old layer): a UserWarning names each layer
+that had some. Layers already of the target kind are left as they are.
 
 Refused with a ValueError naming the layer, before anything is swapped: a conversion that would
 change the numbers (a bnkit ``activation``, ``virtual_batch_size`` or ``momentum_schedule`` to
@@ -55,7 +56,7 @@ from ..nn.lazy import LazyBatchNorm1d, LazyBatchNorm2d, LazyBatchNorm3d
 from ..nn.renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d, BatchRenormBase
 from ..nn.sync import SyncBatchNorm
 from ..ops import activation_module
-from .freezing import set_stats_frozen_mode, stats_frozen_mode
+from .freezing import freeze_hook_ids, set_stats_frozen_mode, stats_frozen_mode
 
 __all__ = ["convert", "convert_sync_batchnorm", "freeze", "TARGETS"]
 
@@ -215,7 +216,16 @@ def _swap_batch_norm(m: _BatchNorm, cls, process_group, activation) -> nn.Module
     return new
 
 
-def _replacement(m: nn.Module, to: str, process_group, where: str, left_alone: list):
+_HOOK_DICTS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks", "_moments_hooks")
+
+
+def _user_hooks(m: nn.Module) -> int:
+    """Hooks registered on ``m`` by its user (not bnkit's freeze hooks, which the conversion carries over)."""
+    own = freeze_hook_ids(m)
+    return sum(1 for d in _HOOK_DICTS for k in getattr(m, d, {}) if k not in own)
+
+
+def _replacement(m: nn.Module, to: str, process_group, where: str, left_alone: list, dropped: list):
     kind = _kind(m)
     if kind is None:
         return None
@@ -231,6 +241,9 @@ def _replacement(m: nn.Module, to: str, process_group, where: str, left_alone: l
                           f"the same")
         return None
     _check_representable(m, to, where)
+    if _user_hooks(m):
+        dropped.append(f"{where}: its {_user_hooks(m)} hook(s) (register_forward_hook and the like) stay on the old "
+                       f"layer and do not run on the new {cls.__name__}; register them again on it")
     if kind == "frozen":
         new = _from_frozen(m, cls)
     elif to == "frozen":
@@ -257,14 +270,14 @@ def convert(model: nn.Module, to: str = "bnkit", *, process_group=None) -> nn.Mo
         raise ValueError(f"convert: to must be one of {TARGETS}, got {to!r}")
     if process_group is not None and to != "sync":
         raise ValueError(f"convert: process_group is only used with to='sync', got to={to!r}")
-    replacements, left_alone = {}, []
+    replacements, left_alone, dropped = {}, [], []
     for name, m in model.named_modules():
         new = _replacement(m, to, process_group, f"convert(to={to!r}): {name or 'the model'} "
                                                  f"({type(m).__name__}({getattr(m, 'num_features', '?')}))",
-                           left_alone)
+                           left_alone, dropped)
         if new is not None:
             replacements[id(m)] = new
-    for message in left_alone:
+    for message in left_alone + dropped:
         warnings.warn(message, UserWarning, stacklevel=2)
     # Every replacement is built before the first swap, so a refusal leaves the model untouched.
     if id(model) in replacements:

@@ -11,7 +11,8 @@
   in training mode, once in training mode (batch statistics; its statistics frozen, so nothing is
   updated) and once in eval mode (running statistics): ``rms(y_train - y_eval) / rms(y_train)`` of
   its outputs, so its channel ``axis``, activation and ghost/renormalized statistics count.
-  The same ratio for the model output is in ``report.summary``.
+  The same ratio for the model output (batch-norm layers in training mode, every other module in eval,
+  so dropout does not count) is in ``report.summary``.
 * **Collapsed channels**: population variance ~ 0 (a dead ReLU or pruned filter upstream); eval then
   divides by ``sqrt(eps)``.
 * **Too few updates for the momentum**: after ``n`` updates at momentum ``m`` the running statistics
@@ -40,7 +41,7 @@ from torch import nn
 
 from ..stats.momentum import KERAS_LOOKALIKE_THRESHOLD, convert
 from .fold import eval_affine
-from .freezing import batch_norm_layers, frozen_stats
+from .freezing import batch_norm_layers, check_initialized, frozen_stats, stats_frozen_mode
 
 __all__ = ["doctor", "DoctorReport", "LayerDiagnosis", "Finding", "THRESHOLDS"]
 
@@ -222,6 +223,7 @@ def _check_arguments(model, num_batches, batch_size, mode) -> None:
             raise ValueError(f"doctor: {arg} must be a positive int, got {value!r}")
     if mode not in MODES:
         raise ValueError(f"doctor: mode must be one of {MODES}, got {mode!r}")
+    check_initialized(model, "doctor")
 
 
 def _batch_input(batch):
@@ -266,10 +268,22 @@ def _capture_calls(model: nn.Module, names: list[str]):
     return store, lambda: [h.remove() for h in handles]
 
 
+def _call_input(args: tuple, kwargs: dict) -> torch.Tensor:
+    return args[0] if args else kwargs["input"]
+
+
 def _values_per_channel(layer: nn.Module, args: tuple, kwargs: dict) -> int:
     """Values per channel in one call's input: the elements over the size of the layer's channel ``axis``."""
-    x = args[0] if args else kwargs["input"]
+    x = _call_input(args, kwargs)
     return x.numel() // x.shape[getattr(layer, "axis", 1)]
+
+
+def _single_value_behaviour(bn: nn.Module) -> str:
+    """What training does with a batch of one value per channel: ``"raise"``, ``"use_running"`` (eval's
+    numbers: bnkit's ``single_sample`` or a freeze on the running statistics) or ``"skip_update"``."""
+    if not isinstance(bn, torch.jit.ScriptModule) and stats_frozen_mode(bn) == "running":
+        return "use_running"
+    return getattr(bn, "single_sample", "raise")
 
 
 def _train_eval_gap(layer: nn.Module, args: tuple, kwargs: dict) -> float | None:
@@ -367,7 +381,10 @@ def doctor(model: nn.Module, data, num_batches: int = 50, batch_size: int = 64, 
         diagnoses.append(d)
         findings += _layer_findings(d, bn, limits, model.training)
 
-    findings += _data_findings(data)
+    # which layers a last batch of one sample makes raise (unknown for TorchScript: no per-layer calls)
+    raising = None if measured.one_per_sample is None else [
+        name for name, bn in layers if name in measured.one_per_sample and _single_value_behaviour(bn) == "raise"]
+    findings += _data_findings(data, raising)
     y_eval = measured.y_eval
     summary = {"batches": len(batches), "samples": measured.samples, "mode": mode,
                "output_gap_train_vs_eval": _rel_rms(measured.y_train, y_eval)
@@ -389,6 +406,7 @@ class _Measured:
     y_eval: object = None
     y_pop: object = None
     findings: list = field(default_factory=list)
+    one_per_sample: set | None = None               # layers given one value per channel per sample (eager only)
 
 
 def _measure_eager(model: nn.Module, names: list[str], batches: list, forward, mode: str, progress: bool) -> _Measured:
@@ -398,6 +416,7 @@ def _measure_eager(model: nn.Module, names: list[str], batches: list, forward, m
     store, remove = _capture_calls(probe, names)
     layers = {n: probe.get_submodule(n) for n in names}
     values = m.values = {n: [] for n in names}  # values[n][i]: fewest values per channel in batch i
+    m.one_per_sample = set()
     for batch in batches:
         _call(probe, batch, forward)
         if store[names[0]]:
@@ -405,10 +424,12 @@ def _measure_eager(model: nn.Module, names: list[str], batches: list, forward, m
             m.samples += (args[0] if args else kwargs["input"]).shape[0]
         for n in names:
             values[n].append(min((_values_per_channel(layers[n], *call) for call in store[n]), default=0))
+            if any(_values_per_channel(layers[n], *call) == _call_input(*call).shape[0] for call in store[n]):
+                m.one_per_sample.add(n)
             store[n].clear()
 
-    # The probe batch (the one with the most values per channel) in eval mode and in training mode
-    # with frozen statistics, so that nothing is updated.
+    # The probe batch (the one with the most values per channel) in eval mode and with the batch-norm
+    # layers in training mode with frozen statistics, so that nothing is updated.
     def fewest(k):  # the fewest values per channel any layer gets from batch k (0: no layer called)
         return min((values[n][k] for n in names if values[n][k]), default=0)
 
@@ -418,7 +439,8 @@ def _measure_eager(model: nn.Module, names: list[str], batches: list, forward, m
     for n in names:
         store[n].clear()
     if fewest(i) > 1:
-        probe.train()
+        for n in names:  # only the batch-norm layers: dropout and the like stay in eval, as in calibrate
+            layers[n].train()
         with frozen_stats(probe):
             m.y_train = _call(probe, probe_batch, forward)
     remove()
@@ -454,7 +476,9 @@ def _measure_script(model, names, batches, forward, mode, progress) -> _Measured
     m.samples = sum(b.shape[0] for b in batches if isinstance(b, torch.Tensor))
     m.y_eval = _call(probe, batch, forward)
     if m.samples:
-        m.y_train = _call(probe.train(), batch, forward)  # a copy: its running statistics may change
+        for _, layer in _bn_layers(probe):  # only the batch-norm layers: dropout and the like stay in eval
+            layer.train()
+        m.y_train = _call(probe, batch, forward)  # a copy: its running statistics may change
     return m
 
 
@@ -477,20 +501,30 @@ def _layer_findings(d: LayerDiagnosis, bn: nn.Module, limits: dict, model_traini
     def add(severity, problem, fix):
         out.append(Finding(d.name, severity, problem, fix))
 
-    if d.momentum is not None and d.momentum >= KERAS_LOOKALIKE_THRESHOLD:
+    if d.momentum is not None and d.momentum >= 1:  # as a Keras decay it would never update: not a lookalike
+        add("warning", f"momentum={d.momentum:g} in PyTorch's convention gives the newest batch all the weight: "
+                       f"the running statistics are those of the last batch only",
+            "use a momentum such as 0.1, or momentum=None (cumulative average); then bnkit.calibrate(model, loader)")
+    elif d.momentum is not None and d.momentum >= KERAS_LOOKALIKE_THRESHOLD:
         add("warning", f"momentum={d.momentum:g} in PyTorch's convention gives the newest batch {d.momentum:.0%} "
                        f"of the weight: the running statistics follow the last few batches only. It looks like a "
                        f"Keras/TF decay passed as torch momentum.",
             f"use momentum={convert(d.momentum, 'decay', 'momentum'):g} (torch), or bnkit's "
             f"momentum=bnkit.momentum.Decay({d.momentum:g}); then bnkit.calibrate(model, loader)")
-    if d.training:
+    # freeze_stats changes what training mode does: "running" is eval's computation, "batch" updates nothing
+    frozen = None if isinstance(bn, torch.jit.ScriptModule) else stats_frozen_mode(bn)
+    if d.training and frozen != "running":
         add("warning" if model_training else "error",
             "the layer is in training mode: at inference it normalizes with the statistics of each batch "
-            "(outputs depend on the other samples) and keeps updating its running statistics"
+            "(outputs depend on the other samples)"
+            + (" (its running statistics are frozen by freeze_stats, so they are not updated)" if frozen else
+               " and keeps updating its running statistics")
             + (" (the whole model is in training mode)" if model_training else
                " although the model is in eval mode (a submodule was switched back with .train())"),
-            "call model.eval() before inference; to keep statistics fixed while training, "
-            "bnkit.freeze_stats(model) (survives model.train())")
+            "call model.eval() before inference; "
+            + ("or bnkit.freeze_stats(model, use_running=True) normalizes with the running statistics in "
+               "either mode" if frozen else
+               "to keep statistics fixed while training, bnkit.freeze_stats(model) (survives model.train())"))
     if not d.has_running_stats:
         add("warning", "no running statistics (track_running_stats=False): eval uses batch statistics, so "
                        "outputs depend on the batch and a batch of one fails",
@@ -517,7 +551,14 @@ def _layer_findings(d: LayerDiagnosis, bn: nn.Module, limits: dict, model_traini
             "check for dead ReLUs upstream (lower the learning rate, check initialization) or prune these "
             "channels; bnkit.fold(model) then removes the batch norm for inference")
     v = d.min_values_per_channel
-    if v == 1:
+    single_value = _single_value_behaviour(bn)
+    if v == 1 and single_value == "use_running":
+        pass  # such a batch is normalized with the running statistics, as in eval: nothing raises
+    elif v == 1 and single_value == "skip_update":
+        add("warning", "a batch gives this layer a single value per channel: with single_sample='skip_update' "
+                       "training normalizes it with its own statistics, so the layer outputs its bias for it",
+            "DataLoader(..., drop_last=True); or single_sample='use_running'")
+    elif v == 1:
         add("error", "a batch gives this layer a single value per channel: training on it raises "
                      "'Expected more than 1 value per channel when training'",
             "DataLoader(..., drop_last=True); or bnkit.freeze_stats(model, use_running=True); or GroupNorm")
@@ -559,18 +600,24 @@ def _too_few_updates(d: LayerDiagnosis, bn: nn.Module, limits: dict) -> list[Fin
                     f"or with momentum=None (cumulative average) or a bnkit.momentum.Schedule")]
 
 
-def _data_findings(data) -> list[Finding]:
+def _data_findings(data, raising: list[str] | None) -> list[Finding]:
+    """A DataLoader whose last batch has one sample: an error naming the layers that raise on it (``raising``;
+    ``None`` when unknown), else a warning (one sample's statistics)."""
     if not isinstance(data, torch.utils.data.DataLoader) or data.drop_last or not data.batch_size:
         return []
-    try:
-        n = len(data.dataset)
+    try:  # the sampler decides how many samples an epoch draws (a subset, this rank's shard, ...)
+        n = len(data.dataset) if isinstance(data.dataset, torch.utils.data.IterableDataset) else len(data.sampler)
     except TypeError:
         return []
-    if n % data.batch_size == 1:
-        return [Finding(MODEL, "error", f"the DataLoader's last batch has one sample ({n} samples, batch_size="
-                                         f"{data.batch_size}, drop_last=False): training raises on it",
-                        "DataLoader(..., drop_last=True)")]
-    return []
+    if n % data.batch_size != 1:
+        return []
+    last = f"the DataLoader's last batch has one sample ({n} samples, batch_size={data.batch_size}, drop_last=False)"
+    if raising == []:  # every layer gets several values per channel from one sample, or handles a single one
+        return [Finding(MODEL, "warning", f"{last}: its batch statistics come from one sample, a noisy update of "
+                                          f"the running statistics", "DataLoader(..., drop_last=True)")]
+    return [Finding(MODEL, "error", f"{last}: training raises on it"
+                    + (f" (layers {raising} get one value per channel from it)" if raising else ""),
+                    "DataLoader(..., drop_last=True)")]
 
 
 def _plots(report: DoctorReport, out: Path) -> list[str]:

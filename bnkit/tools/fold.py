@@ -35,8 +35,10 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ..nn.domain import DomainBatchNorm
 from ..nn.frozen import FrozenBatchNorm
 from ..ops import activation_module, eval_scale_shift
+from .freezing import check_initialized, freeze_hook_ids
 
 __all__ = ["fold", "eval_affine", "FoldReport", "FoldedPair", "NotFolded"]
 
@@ -50,11 +52,13 @@ def eval_affine(layer: nn.Module, dtype: torch.dtype = torch.float32) -> tuple[t
     """``layer.eval_affine(dtype)`` of a bnkit layer, the same map for a ``torch.nn`` batch-norm layer.
 
     ``(scale, shift)`` of shape ``(C,)`` with eval output ``act(x * scale + shift)`` per channel, or
-    ``None`` when eval is not such a map (a torch layer without running statistics).
+    ``None`` when eval is not such a map (a torch layer without running statistics, or a lazy one not
+    initialized yet).
     """
     if hasattr(layer, "eval_affine"):
         return layer.eval_affine(dtype)
-    if layer.running_mean is None or layer.running_var is None:
+    if layer.running_mean is None or layer.running_var is None \
+            or isinstance(layer.running_mean, nn.parameter.UninitializedBuffer):
         return None
     return eval_scale_shift(layer.running_mean, layer.running_var, layer.weight, layer.bias, layer.eps, dtype)
 
@@ -110,8 +114,16 @@ class _LeafTracer(torch.fx.Tracer):
 
 
 def _fx_candidates(model: nn.Module) -> dict[str, str | NotFolded]:
-    """``bn name -> producer name`` for foldable pairs, or ``NotFolded`` with the reason. Raises if untraceable."""
-    graph = _LeafTracer().trace(model)
+    """``bn name -> producer name`` for foldable pairs, or ``NotFolded`` with the reason. Raises if untraceable.
+
+    Traced in eval mode (the modes are restored after): the folded model is for inference, and a forward
+    that branches on ``self.training`` may use a conv's output elsewhere only in eval."""
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        graph = _LeafTracer().trace(model.eval())
+    finally:
+        for m, training in modes:
+            m.training = training
     calls: dict[str, int] = {}
     for node in graph.nodes:
         if node.op == "call_module":
@@ -243,6 +255,12 @@ def _fold_into(layer: nn.Module, scale: torch.Tensor, shift: torch.Tensor) -> No
         layer.bias.copy_(new_b.to(layer.bias.dtype))
 
 
+def _has_forward_hooks(m: nn.Module) -> bool:
+    """Forward (pre-)hooks other than bnkit's freeze hooks (which do not change eval): torch.fx does not see them."""
+    own = freeze_hook_ids(m)
+    return any(k not in own for hooks in (m._forward_pre_hooks, m._forward_hooks) for k in hooks)
+
+
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name), child, new)
@@ -280,6 +298,7 @@ def fold(model: nn.Module, inplace: bool = False) -> tuple[nn.Module, FoldReport
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"fold: expected an nn.Module, got {type(model).__name__}")
+    check_initialized(model, "fold")
     if not inplace:
         model = copy.deepcopy(model)
     layers = _norm_layers(model)
@@ -293,7 +312,19 @@ def fold(model: nn.Module, inplace: bool = False) -> tuple[nn.Module, FoldReport
     uses: dict[int, int] = {}
     for _, m in model.named_modules(remove_duplicate=False):
         uses[id(m)] = uses.get(id(m), 0) + 1
+    # A weight or bias tied to another module (the same Parameter registered twice) changes there too.
+    param_names: dict[int, list[str]] = {}
+    for pname, p in model.named_parameters(remove_duplicate=False):
+        param_names.setdefault(id(p), []).append(pname)
+    # The layers of a DomainBatchNorm share their input: a trace (under use_domain) sees only one of them.
+    domain_of = {id(b): dn_name for dn_name, dn in model.named_modules() if isinstance(dn, DomainBatchNorm)
+                 for b in dn.modules() if b is not dn}
     for name, bn in layers:
+        if id(bn) in domain_of:
+            report.not_folded.append(NotFolded(name, f"it is one domain's layer of {domain_of[id(bn)]!r} "
+                                                     f"(DomainBatchNorm): the other domains normalize the same input, "
+                                                     f"which folding would change"))
+            continue
         found = candidates.get(name)
         if found is None:
             reason = ("it is not called in forward" if report.method == "fx" else
@@ -306,8 +337,18 @@ def fold(model: nn.Module, inplace: bool = False) -> tuple[nn.Module, FoldReport
             continue
         layer = model.get_submodule(found)
         shared = [n for n, m in ((name, bn), (found, layer)) if uses[id(m)] > 1]
-        folding = (f"{shared[0]} is shared (registered {uses[id(model.get_submodule(shared[0]))]} times in the model)"
-                   if shared else _fold_map(bn, layer, found))
+        tied = [n for t in (layer.weight, layer.bias) if t is not None
+                for n in param_names.get(id(t), ()) if n.rpartition(".")[0] != found]
+        hooked = [n for n, m in ((found, layer), (name, bn)) if _has_forward_hooks(m)]
+        if shared:
+            folding = f"{shared[0]} is shared (registered {uses[id(model.get_submodule(shared[0]))]} times in the model)"
+        elif tied:
+            folding = f"a parameter of {found} is tied to {tied}; folding would change it there"
+        elif hooked:
+            folding = (f"{hooked[0]} has forward hooks, which would see the folded values (or be dropped with the "
+                       f"batch-norm layer); remove them first")
+        else:
+            folding = _fold_map(bn, layer, found)
         if isinstance(folding, str):  # the reason it cannot fold exactly
             report.not_folded.append(NotFolded(name, folding))
             continue

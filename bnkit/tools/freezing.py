@@ -16,11 +16,12 @@ import contextlib
 
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.lazy import LazyModuleMixin
 
 from ..nn.batchnorm import BatchNormBase
 
 __all__ = ["freeze_stats", "unfreeze_stats", "frozen_stats", "stats_frozen_mode", "set_stats_frozen_mode",
-           "batch_norm_layers"]
+           "batch_norm_layers", "check_initialized", "freeze_hook_ids"]
 
 _HOOKS = "_bnkit_freeze_hooks"
 _MODE = "_bnkit_stats_frozen"
@@ -29,6 +30,16 @@ _MODE = "_bnkit_stats_frozen"
 def batch_norm_layers(model: torch.nn.Module):
     """``(qualified_name, module)`` for every batch-norm layer (bnkit or torch.nn) in ``model``."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, _BatchNorm)]
+
+
+def check_initialized(model: torch.nn.Module, tool: str) -> None:
+    """Raise a ValueError naming every lazy module of ``model`` not initialized yet: its tensors have no
+    shape, so the tools can neither copy nor read them (torch's own error names no module)."""
+    lazy = [f"{n or '(model)'!r} ({type(m).__name__})" for n, m in model.named_modules()
+            if isinstance(m, LazyModuleMixin) and m.has_uninitialized_params()]
+    if lazy:
+        raise ValueError(f"{tool}: lazy module(s) {', '.join(lazy)} not initialized yet (a lazy module reads its "
+                         f"sizes from its first input); run one forward pass or load a state_dict first")
 
 
 def _torch_pre_hook(module, args):
@@ -42,6 +53,11 @@ def _torch_pre_hook(module, args):
 
 def _torch_post_hook(module, args, output):
     module.training, module.track_running_stats = module._bnkit_saved_flags
+
+
+def freeze_hook_ids(module: torch.nn.Module) -> set[int]:
+    """Ids of the forward hooks :func:`set_stats_frozen_mode` registered on a ``torch.nn`` layer."""
+    return {handle.id for handle in getattr(module, _HOOKS, ())}
 
 
 def stats_frozen_mode(module: torch.nn.Module):

@@ -1,4 +1,6 @@
 """Gradient accumulation: running statistics updated once per k micro-batches, as one big batch."""
+import copy
+
 import pytest
 import torch
 
@@ -74,3 +76,56 @@ def test_nested_accumulate_is_refused_and_leaves_the_layer_as_it_was(bn_cls):
     with pytest.raises(ValueError, match="steps must be a positive int"):
         with bnkit.accumulate(bn, steps=True):
             pass
+
+
+@pytest.mark.parametrize("bn_cls", [bnkit.BatchNorm1d, torch.nn.BatchNorm1d])
+def test_eval_mode_calls_inside_the_context_are_not_pooled(bn_cls):
+    # A validation batch between micro-batches normalizes with the running statistics and must not enter
+    # them (torch.nn itself does not update in eval); before the fix torch.nn layers pooled it (mean off
+    # by 2.6 here) and counted an extra update.
+    torch.manual_seed(0)
+    micro = [torch.randn(4, 3) + 1, torch.randn(4, 3) - 1]
+    bn = bn_cls(3)
+    with bnkit.accumulate(bn, steps=2):
+        bn(micro[0])
+        bn.eval()
+        bn(torch.randn(4, 3) * 10 + 50)
+        bn.train()
+        bn(micro[1])
+    ref = torch.nn.BatchNorm1d(3)
+    ref(torch.cat(micro))
+    torch.testing.assert_close(bn.running_mean, ref.running_mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(bn.running_var, ref.running_var, rtol=1e-5, atol=1e-6)
+    assert bn.num_batches_tracked.item() == 1
+
+
+def test_torch_layer_called_with_the_input_keyword_is_pooled():
+    # torch.nn.BatchNorm*d.forward(input): bn(input=x) is a valid call; accumulate's hook read args[0]
+    # only and raised IndexError.
+    micro = [torch.randn(4, 3) + 1, torch.randn(4, 3) - 1]
+    bn = torch.nn.BatchNorm1d(3)
+    with bnkit.accumulate(bn, steps=2):
+        for x in micro:
+            bn(input=x)
+    ref = torch.nn.BatchNorm1d(3)
+    ref(torch.cat(micro))
+    torch.testing.assert_close(bn.running_var, ref.running_var, rtol=1e-5, atol=1e-6)
+    assert bn.num_batches_tracked.item() == 1
+
+
+def test_ghost_layer_is_refused_before_any_layer_changes():
+    # The ghost layer refused its moments hook only in its forward, after the layers before it had pooled the
+    # micro-batch; the context's exit then folded that into their running statistics (num_batches_tracked 1).
+    model = torch.nn.Sequential(bnkit.BatchNorm1d(3), torch.nn.BatchNorm1d(3),
+                                bnkit.GhostBatchNorm1d(3, virtual_batch_size=2))
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=r"accumulate: GhostBatchNorm1d\(3\) \(2\): ghost-batch statistics"):
+        with bnkit.accumulate(model, steps=2):
+            model(torch.randn(8, 3) + 5)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert model[0].stats_frozen is None and not model[0]._moments_hooks and not model[1]._forward_hooks
+    bnkit.freeze_stats(model[2])  # frozen, it is left alone and the others accumulate
+    with bnkit.accumulate(model, steps=2):
+        model(torch.randn(8, 3))
+    assert model[0].num_batches_tracked.item() == 1 and model[2].num_batches_tracked.item() == 0

@@ -3,6 +3,7 @@ concatenated activations, full-eval activations, single-process runs for the dis
 from __future__ import annotations
 
 import copy
+import sys
 import time
 import warnings
 from datetime import timedelta
@@ -560,3 +561,60 @@ def test_last_batch_of_one_sample_with_spatial_positions_is_pooled():
         z = model[0](x).transpose(0, 1).reshape(3, -1)
     _assert_running_equals(model, [(z.mean(1), z.var(1, unbiased=True))])
     assert report.batches == 5 and report.single_value_batches == 0 and report.layers[0].samples == 33 * 16
+
+
+@pytest.mark.parametrize("lazy", [nn.LazyBatchNorm1d, bnkit.LazyBatchNorm1d])
+def test_lazy_layer_not_initialized_is_named(lazy):
+    # torch's own error ("Attempted to use an uninitialized parameter in <method 'clone' ...>") names no module.
+    model = nn.Sequential(nn.Conv1d(4, 4, 1), lazy())
+    with pytest.raises(ValueError, match=r"calibrate: lazy module\(s\) '1' \(LazyBatchNorm1d\) not initialized"):
+        bnkit.calibrate(model, [torch.randn(8, 4, 5)], progress=False)
+    model(torch.randn(8, 4, 5))  # initialized: calibrates like any layer
+    xs = [torch.randn(8, 4, 5) for _ in range(2)]
+    bnkit.calibrate(model, xs, num_batches=None, progress=False)
+    z = torch.cat([model[0](x) for x in xs]).detach().double().transpose(0, 1).reshape(4, -1)
+    torch.testing.assert_close(model[1].running_var.double(), z.var(1), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("layer_cls", [nn.BatchNorm1d, bnkit.BatchNorm1d])
+def test_float16_statistics_beyond_the_dtype_leave_the_layer_unchanged_with_a_warning(layer_cls):
+    # channel 0 has variance ~9e4 > float16's 65504: calibrate stored running_var = inf without a word
+    # (eval then outputs the bias on that channel), while the report showed a finite change.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 2), layer_cls(2)).half()
+    with torch.no_grad():
+        model[0].weight.copy_(torch.diag(torch.tensor([300.0, 1.0])))
+        model[0].bias.zero_()
+    xs = [torch.randn(16, 2).half() for _ in range(3)]
+    with pytest.warns(RuntimeWarning, match=r"layer\(s\) \['1'\] do not fit .*torch.float16: channel 0") as caught:
+        report = bnkit.calibrate(model, xs, num_batches=None, progress=False)
+    assert not any("never ran" in str(w.message) for w in caught)
+    assert torch.equal(model[1].running_var, torch.ones(2, dtype=torch.float16))
+    assert torch.equal(model[1].running_mean, torch.zeros(2, dtype=torch.float16))
+    assert report.layers[0].samples == 0 and report.layers[0].var_change is None
+
+
+def test_report_prints_without_rich(monkeypatch):
+    # `pip install bnkit` has no rich (demo extra): print(report), as the README shows, raised
+    # "No module named 'rich'".
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2), nn.BatchNorm1d(2))
+    report = bnkit.calibrate(model, [torch.randn(8, 3) for _ in range(5)], num_batches=None, progress=False)
+    with_rich = str(report)
+    for name in ("rich", "rich.console", "rich.table"):
+        monkeypatch.setitem(sys.modules, name, None)  # any import of them now raises ImportError
+    text = str(report).splitlines()
+    assert text[0] == "bnkit.calibrate (precise): 5 batches used, 0 skipped (non-finite), 1 pass(es)"
+    assert text[0] in with_rich
+    assert text[1].split()[:4] == ["layer", "type", "level", "samples"]
+    assert [line.split()[:4] for line in text[2:]] == [["1", "BatchNorm1d", "0", "40"], ["3", "BatchNorm1d", "0", "40"]]
+
+
+def test_wrong_channel_count_in_a_torch_layer_is_named_and_nothing_changes():
+    # torch's own error inside calibrate said "weight should contain 5 elements not 4", naming no layer.
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 5), nn.BatchNorm1d(4))
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=r"calibrate: layer '3', BatchNorm1d\(4\): expected 4 channels in dimension 1, "
+                                         r"got 5 \(input shape \(8, 5\)\)"):
+        bnkit.calibrate(model, [torch.randn(8, 3) for _ in range(2)], num_batches=None, progress=False)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())

@@ -220,3 +220,23 @@ def test_bad_data_exits_1(capsys, tmp_path, data, fragment):
     torch.save(data, tmp_path / "data.pt")
     _one_line_error(*run(capsys, "doctor", str(tmp_path / "m.ts"), "--data", str(tmp_path / "data.pt"))[::2],
                     fragment, status=1)
+
+
+@pytest.mark.parametrize("option,value", [("--torch", "1"), ("--keras", "0"), ("--torch", "0"), ("--torch", "1e-7"),
+                                          ("--keras", "0.99")])
+def test_momentum_code_means_the_same_momentum_when_pasted(capsys, option, value):
+    # The printed code used 6 digits (--torch 1e-7 printed Decay(1): momentum 0, no update ever),
+    # HalfLife(0) for momentum 1 (bnkit refuses it) and HalfLife(inf) (a NameError in Python).
+    import re
+
+    import bnkit
+
+    rc, out, _ = run(capsys, "momentum", option, value)
+    momentum = float(value) if option == "--torch" else 1 - float(value)
+    text = out.replace("\n", "")
+    snippets = re.findall(r"bnkit\.BatchNorm2d\(C, momentum=(bnkit\.momentum\.\w+\((?:[^()]|\([^()]*\))*\))\)", text)
+    snippets += re.findall(r"torch\.nn\.BatchNorm2d\(C, momentum=([^)]*)\)", text)
+    assert rc == 0 and len(snippets) == (2 if momentum == 1 else 3), out  # no HalfLife for momentum 1
+    for snippet in snippets:
+        layer = eval(f"bnkit.BatchNorm2d(3, momentum={snippet})")
+        assert layer.momentum == pytest.approx(momentum, rel=1e-9, abs=1e-12), snippet

@@ -332,3 +332,123 @@ def test_doctor_passes_a_layers_lengths_on():
     assert d.train_eval_gap == pytest.approx(want, rel=1e-9)
     torch.testing.assert_close(torch.tensor(d.population_mean, dtype=torch.float64), mean)
     torch.testing.assert_close(torch.tensor(d.population_var, dtype=torch.float64), v.var(0))
+
+
+@pytest.mark.parametrize("layer", ["1", "4"])  # torch.nn and bnkit
+def test_train_mode_layer_frozen_on_running_statistics_is_not_blamed(healthy, layer):
+    # freeze_stats(use_running=True) makes a training-mode layer compute exactly its eval output and update
+    # nothing; doctor called that an error ("normalizes with the statistics of each batch ... keeps updating").
+    x = _data()[:64]
+    with torch.no_grad():
+        want = healthy(x)
+    bnkit.freeze_stats(healthy, use_running=True)
+    healthy.get_submodule(layer).train()
+    with torch.no_grad():
+        assert torch.equal(healthy(x), want)  # the premise: eval's numbers
+    report = doctor(healthy, _data(), batch_size=128)
+    assert not [f for f in report.findings_for(layer) if "training mode" in f.problem], _codes(report, layer)
+    # frozen on batch statistics: still a finding, without the claim that the statistics keep updating
+    bnkit.freeze_stats(healthy)
+    [f] = [f for f in doctor(healthy, _data(), batch_size=128).findings_for(layer) if "training mode" in f.problem]
+    assert f.severity == "error" and "keeps updating" not in f.problem and "use_running=True" in f.fix
+
+
+def test_lazy_layer_not_initialized_is_named():
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.LazyBatchNorm2d())
+    with pytest.raises(ValueError, match=r"doctor: lazy module\(s\) '1' \(LazyBatchNorm2d\) not initialized"):
+        doctor(model, _data(64))
+
+
+def test_last_batch_of_one_is_counted_from_the_sampler(healthy):
+    # The DataLoader draws len(sampler) samples per epoch, not len(dataset): a subset of 257 of 300 images
+    # ends in a batch of one (doctor said nothing), the first 256 of 257 images do not (doctor said it did).
+    def loader_finding(n_data, n_drawn):
+        data = _data(n=n_data)
+        sampler = torch.utils.data.SubsetRandomSampler(range(n_drawn), generator=torch.Generator().manual_seed(0))
+        loader = torch.utils.data.DataLoader(data, batch_size=128, sampler=sampler)
+        assert len([b for b in loader][-1]) == (n_drawn - 1) % 128 + 1  # the premise, counted by iterating
+        return [f for f in doctor(healthy, loader, num_batches=3).findings_for("(model)") if "DataLoader" in f.problem]
+
+    [f] = loader_finding(300, 257)
+    assert "257 samples" in f.problem and "drop_last=True" in f.fix
+    assert loader_finding(257, 256) == []
+
+
+def test_model_train_eval_gap_is_batch_norms_not_dropouts(calibrate, tmp_path):
+    # The model-level train/eval gap ran the whole model in training mode, dropout included: a calibrated
+    # model with Dropout(0.5) showed 0.68 where its batch norm alone accounts for ~0.1. Reference: the same
+    # model with the dropout replaced by Identity (its eval), which must give the identical summary.
+    def model(drop):
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Flatten(), nn.Linear(192, 32), nn.BatchNorm1d(32), nn.ReLU(), drop, nn.Linear(32, 4))
+
+    data = _data()
+    with_dropout, reference = model(nn.Dropout(0.5)), model(nn.Identity())
+    for m in (with_dropout, reference):
+        calibrate(m, list(data.split(128)), num_batches=4, progress=False)
+        m.eval()
+    gaps = [doctor(m, data, batch_size=128).summary["output_gap_train_vs_eval"] for m in (with_dropout, reference)]
+    assert 0 < gaps[0] == gaps[1] < 0.3, gaps
+    torch.jit.save(torch.jit.script(with_dropout), tmp_path / "d.pt")  # TorchScript: the same
+    torch.jit.save(torch.jit.script(reference), tmp_path / "r.pt")
+    gaps = [doctor(torch.jit.load(tmp_path / p), data, batch_size=128).summary["output_gap_train_vs_eval"]
+            for p in ("d.pt", "r.pt")]
+    assert 0 < gaps[0] == gaps[1] < 0.3, gaps
+
+
+@pytest.mark.parametrize("setup,expected", [
+    (lambda m: None, "error"),                                             # torch.nn: training raises
+    (lambda m: setattr(m[1], "single_sample", "use_running"), None),        # bnkit handles it: eval's numbers
+    (lambda m: bnkit.freeze_stats(m, use_running=True), None),              # frozen on the running statistics
+    (lambda m: setattr(m[1], "single_sample", "skip_update"), "warning"),   # works, outputs the bias
+])
+def test_single_value_batch_finding_follows_what_training_does(calibrate, setup, expected):
+    # doctor said "training on it raises" (an error) for layers that train on such a batch without raising.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), bnkit.BatchNorm1d(4))
+    data = torch.randn(257, 4)  # two batches of 128 and one of 1
+    calibrate(model, list(data[:256].split(128)), num_batches=None, progress=False)
+    setup(model)
+    model.train()
+    try:
+        model(data[:1])
+        raised = False
+    except ValueError:
+        raised = True
+    assert raised == (expected == "error")  # the premise, from the layer itself
+    model.eval()
+    found = [f.severity for f in doctor(model, data, batch_size=128).findings_for("1") if "single value" in f.problem]
+    assert found == ([expected] if expected else [])
+
+
+def test_loader_last_batch_of_one_is_an_error_only_where_a_layer_raises(calibrate):
+    # A model of BatchNorm2d layers trains on one image (H x W values per channel); doctor said "training
+    # raises on it" (an error) for every loader ending in a batch of one.
+    torch.manual_seed(0)
+    convs = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3), bnkit.BatchNorm2d(4))
+    with_linear = nn.Sequential(*convs, nn.Flatten(), nn.Linear(64, 4), nn.BatchNorm1d(4))
+    loader = torch.utils.data.DataLoader(_data(n=257), batch_size=128)
+    for model, severity, named in ((convs, "warning", None), (with_linear, "error", "['7']")):
+        calibrate(model, list(_data(n=256).split(128)), num_batches=None, progress=False)
+        model.train()
+        try:
+            model(_data(n=1))
+            raised = False
+        except ValueError:
+            raised = True
+        assert raised == (severity == "error")  # the premise, from the model itself
+        model.eval()
+        [f] = [f for f in doctor(model, loader).findings_for("(model)") if "DataLoader" in f.problem]
+        assert f.severity == severity and "drop_last=True" in f.fix
+        assert named is None or named in f.problem
+
+
+def test_momentum_one_is_not_fixed_with_a_momentum_that_never_updates():
+    # momentum=1 was read as a Keras decay of 1 and the fix said "use momentum=0 (torch), or
+    # bnkit.momentum.Decay(1)": both never update the running statistics.
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, momentum=1.0)).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # calibrate's and the layer's own notes
+        [f] = [f for f in doctor(model, _data(256)).findings_for("1") if "momentum=1 " in f.problem]
+    assert "last batch only" in f.problem and "Keras" not in f.problem
+    assert "momentum=0 " not in f.fix and "Decay(1)" not in f.fix and "momentum=None" in f.fix

@@ -321,3 +321,110 @@ def test_eval_affine_of_trained_variants_is_their_eval(make):
         if layer.activation == "leaky_relu":
             y = torch.nn.functional.leaky_relu(y, 0.2)
         torch.testing.assert_close(layer.eval()(x), y, rtol=1e-6, atol=1e-6)
+
+
+def test_tied_weight_is_not_folded():
+    # c2.weight is c1.weight (tied): folding b1 into c1 rescales c2 too (and then b2 rescales both),
+    # so the folded eval output was off by 1.6 (float64) with both reported as folded.
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.b1 = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+            self.c2, self.b2 = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+            self.c2.weight = self.c1.weight
+
+        def forward(self, x):
+            return self.b1(self.c1(x)) + self.b2(self.c2(x))
+
+    torch.manual_seed(0)
+    model = Tied().double().eval()
+    for bn in (model.b1, model.b2):
+        _randomize_bn(bn, torch.Generator().manual_seed(bn.num_features))
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        want = model(x)
+        folded, report = fold(model)
+        torch.testing.assert_close(folded(x), want, rtol=1e-12, atol=1e-12)
+    assert not report.folded, str(report)
+    assert {n.bn for n in report.not_folded} == {"b1", "b2"}
+    assert all("tied" in n.reason and "c1.weight" in str(report) for n in report.not_folded)
+
+
+@pytest.mark.parametrize("lazy", [nn.LazyBatchNorm2d, bnkit.LazyBatchNorm2d])
+def test_lazy_layer_not_initialized_is_named(lazy):
+    # fold deep-copies the model; torch's error on the copy ("Attempted to use an uninitialized parameter in
+    # <function Tensor.__deepcopy__>") named no module. to_keras of a torch.nn lazy layer crashed the same way.
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), lazy())
+    for inplace in (False, True):
+        with pytest.raises(ValueError, match=r"fold: lazy module\(s\) '1' \(LazyBatchNorm2d\) not initialized"):
+            fold(model, inplace=inplace)
+    assert bnkit.tools.fold.eval_affine(model[1]) is None
+    with pytest.raises(ValueError, match="lazy layer that has not been initialized"):
+        bnkit.to_keras(model[1])
+
+
+@pytest.mark.parametrize("domain", [0, 1])
+def test_domain_batch_norm_layers_are_not_folded(domain):
+    # Under use_domain(d) torch.fx sees only domain d's layer: it was folded into the shared conv, and the
+    # other domain then normalized the folded output (float64 eval off by ~1.8 for it).
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), bnkit.DomainBatchNorm2d(4, num_domains=2)).double().eval()
+    for bn in model[1].domains:
+        _randomize_bn(bn, torch.Generator().manual_seed(domain))
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    with torch.no_grad():
+        want = [model[1](model[0](x), domain=d) for d in (0, 1)]
+        with bnkit.use_domain(model, domain):
+            folded, report = fold(model)
+        for d in (0, 1):
+            torch.testing.assert_close(folded[1](folded[0](x), domain=d), want[d], rtol=1e-12, atol=1e-12)
+    assert not report.folded and all("DomainBatchNorm" in n.reason for n in report.not_folded), str(report)
+
+
+def test_modules_with_forward_hooks_are_not_folded():
+    # torch.fx does not see hooks: a hook scaling the conv's output then scaled the folded (already
+    # normalized) output (float64 eval off by 1.2), and a hook on the batch-norm layer was dropped with it.
+    torch.manual_seed(0)
+    for hooked in (0, 1):
+        model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()).double().eval()
+        _randomize_bn(model[1], torch.Generator().manual_seed(0))
+        model[hooked].register_forward_hook(lambda module, args, out: out * 2)
+        x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+        with torch.no_grad():
+            want = model(x)
+            folded, report = fold(model)
+            torch.testing.assert_close(folded(x), want, rtol=1e-12, atol=1e-12)
+        [why] = report.not_folded
+        assert f"{hooked} has forward hooks" in why.reason
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()).double().eval()
+    _randomize_bn(model[1], torch.Generator().manual_seed(0))
+    bnkit.freeze_stats(model[1])  # bnkit's own freeze hooks do not change eval: it folds
+    with torch.no_grad():
+        folded, report = fold(model)
+        torch.testing.assert_close(folded(x), model(x), rtol=1e-12, atol=1e-12)
+    assert len(report.folded) == 1, str(report)
+
+
+def test_forward_branching_on_training_is_traced_as_in_eval():
+    # fold of a model in training mode traced the training branch, where the conv output feeds the batch norm
+    # only; in eval it is also added after it, so folding changed the eval output by 1.75 (float64).
+    class Branching(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            z = self.conv(x)
+            return self.bn(z) if self.training else self.bn(z) + z
+
+    torch.manual_seed(0)
+    model = Branching().double()
+    _randomize_bn(model.bn, torch.Generator().manual_seed(0))
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    for inplace in (False, True):
+        model.train()
+        folded, report = fold(model, inplace=inplace)
+        assert folded.training and folded.bn.training  # modes as they were
+        with torch.no_grad():
+            torch.testing.assert_close(folded.eval()(x), model.eval()(x), rtol=1e-12, atol=1e-12)
+        assert not report.folded and "also used by" in report.not_folded[0].reason

@@ -197,3 +197,20 @@ def test_frozen_layers_refuse_the_old_slope_keyword_with_the_new_spelling():
         bnkit.FrozenBatchNorm2d(3, negative_slope=0.2)
     with pytest.raises(TypeError, match="unexpected keyword argument"):
         bnkit.FrozenBatchNorm2d(3, momentum=0.1)
+
+
+@pytest.mark.parametrize("to", ["bnkit", "frozen", "sync"])
+def test_hooks_on_a_replaced_layer_are_named_not_dropped_silently(to):
+    # A forward hook (feature extraction, activation statistics) on a batch-norm layer stopped running after
+    # convert without a word: the new layer does not have it.
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.BatchNorm2d(4))
+    seen = []
+    model[1].register_forward_hook(lambda m, args, out: seen.append(out))
+    bnkit.freeze_stats(model[2])  # bnkit's own freeze hooks are carried over, not reported
+    with pytest.warns(UserWarning, match=r"1 \(BatchNorm2d\(4\)\): its 1 hook\(s\)") as caught:
+        model = bnkit.convert(model, to)
+    assert not [w for w in caught if "2 (BatchNorm2d(4))" in str(w.message)]
+    model(torch.randn(2, 3, 5, 5))
+    assert seen == []  # the premise: the hook is gone with the old layer
+    if to != "frozen":
+        assert bnkit.stats_frozen_mode(model[2]) == "batch"
