@@ -161,8 +161,13 @@ def _check_representable(m: nn.Module, to: str, where: str) -> None:
         elif to == "frozen":
             lost = [k for k, default in (("axis", 1), ("example_weight", None)) if getattr(m, k) != default]
         if lost:
+            fix = "unset it first"
+            if "virtual_batch_size" in lost:  # a ghost layer's batches cannot be unset, only the layer replaced
+                fix = ("a ghost layer stays one: to drop its virtual batches, replace it by the plain bnkit layer "
+                       "(bnkit.BatchNorm1d/2d/3d; its state_dict loads as is)" +
+                       (", and unset the others" if len(lost) > 1 else ""))
             raise ValueError(f"{where}: {', '.join(f'{k}={getattr(m, k)!r}' for k in lost)} has no equivalent in "
-                             f"to={to!r} and would change the results; unset it first")
+                             f"to={to!r} and would change the results; {fix}")
     if to == "frozen" and not isinstance(m, FrozenBatchNorm) and m.running_mean is None:
         raise ValueError(f"{where}: has no running statistics to freeze (track_running_stats=False)")
     if to == "torch" and isinstance(m, FrozenBatchNorm) and m.activation != "identity":

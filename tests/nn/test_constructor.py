@@ -195,9 +195,13 @@ def test_ghost_conversion():
     assert bnkit.convert(model, "bnkit")[0] is ghost  # bnkit -> bnkit keeps the ghost layer
     with pytest.raises(ValueError, match=r"virtual_batch_size=2 has no equivalent in to='torch'"):
         bnkit.convert(model, "torch")
-    with pytest.raises(ValueError, match=r"virtual_batch_size=2 has no equivalent in to='sync'"):
+    with pytest.raises(ValueError, match=r"virtual_batch_size=2 has no equivalent in to='sync' .* replace it by the "
+                                         r"plain bnkit layer"):
         bnkit.convert(model, "sync")
     assert model[0] is ghost
+    plain = bnkit.BatchNorm2d(3)  # what the message says to do: it loads the ghost layer's state and converts
+    plain.load_state_dict(ghost.state_dict())
+    assert isinstance(bnkit.convert(nn.Sequential(plain), "sync")[0], bnkit.SyncBatchNorm)
 
 
 def test_memory_efficient_is_a_validated_property():
