@@ -20,7 +20,7 @@ import torch
 from ..stats import Moments, accumulation_dtype, batch_moments, update_running_stats
 from ..stats.ramp import progress
 from ..validation import check_batch_size
-from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormBase
+from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormBase, _locked
 
 __all__ = ["BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d", "BatchRenormBase", "LinearRamp", "renorm_warmup"]
 
@@ -165,7 +165,7 @@ class BatchRenormBase(BatchNormBase):
             self._call_moments_hooks(Moments(torch.full_like(mean, float(n)), mean.detach(), (var * n).detach()))
         if update:
             keep = self._update_running(mean, var, n)  # the same decision for the renorm statistics
-            update_running_stats(self.renorm_mean, self.renorm_std, mean, std, self.renorm_momentum, keep)
+            _locked(update_running_stats, self.renorm_mean, self.renorm_std, mean, std, self.renorm_momentum, keep)
         # (x - mu_B) / sigma_B * r + d  ==  (x - m) / sqrt(v + eps)  with  m = mu_B - d sigma_B / r,
         # sqrt(v + eps) = sigma_B / r: the shared kernel normalizes, autograd sees r and d as constants.
         return mean - d * std / r, (std / r) ** 2 - self.eps

@@ -190,3 +190,23 @@ def test_empty_batch_as_the_plain_layer():
     assert ours(x).shape == plain(x).shape == x.shape
     assert torch.equal(ours.running_var, plain.running_var) and torch.equal(ours.renorm_std, torch.ones(3))
     assert int(ours.num_batches_tracked) == int(plain.num_batches_tracked) == 1
+
+
+def test_threads_lose_no_renorm_update():
+    """Two threads training one layer on the same batch: after 600 updates renorm_mean is
+    mean * (1 - (1 - m)^600) whatever the order; the renorm update ran outside the update lock and lost
+    updates (4e-3 off, every run of 5)."""
+    import threading
+    layer = bnkit.BatchRenorm1d(4, rmax=3.0, dmax=5.0, renorm_momentum=0.01).double()
+    x = torch.randn(16, 4, dtype=torch.float64) + 3
+
+    def work():
+        for _ in range(300):
+            layer(x)
+    threads = [threading.Thread(target=work) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert layer.num_batches_tracked.item() == 600
+    torch.testing.assert_close(layer.renorm_mean, x.mean(0) * (1 - 0.99 ** 600), rtol=0, atol=1e-12)
