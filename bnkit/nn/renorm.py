@@ -152,6 +152,14 @@ class BatchRenormBase(BatchNormBase):
         dmax = self.dmax(step) if callable(self.dmax) else self.dmax
         return _check_limits(self.layer_name, rmax, dmax, step)
 
+    def _update_running(self, mean: torch.Tensor, var: torch.Tensor, n) -> torch.Tensor | None:
+        """The running statistics, then the renorm statistics ``(mu, sigma = sqrt(var + eps))`` with the
+        same keep decision: from a batch, or from pooled micro-batches (``fold_moments``, ``accumulate``)."""
+        keep = super()._update_running(mean, var, n)
+        std = torch.sqrt(var.detach() + self.eps)
+        _locked(update_running_stats, self.renorm_mean, self.renorm_std, mean.detach(), std, self.renorm_momentum, keep)
+        return keep
+
     def _batch_statistics(self, input: torch.Tensor, update: bool) -> tuple[torch.Tensor, torch.Tensor]:
         n = check_batch_size(self.layer_name, input)
         rmax, dmax = self._limits()
@@ -164,8 +172,7 @@ class BatchRenormBase(BatchNormBase):
         if self._moments_hooks:
             self._call_moments_hooks(Moments(torch.full_like(mean, float(n)), mean.detach(), (var * n).detach()))
         if update:
-            keep = self._update_running(mean, var, n)  # the same decision for the renorm statistics
-            _locked(update_running_stats, self.renorm_mean, self.renorm_std, mean, std, self.renorm_momentum, keep)
+            self._update_running(mean, var, n)
         # (x - mu_B) / sigma_B * r + d  ==  (x - m) / sqrt(v + eps)  with  m = mu_B - d sigma_B / r,
         # sqrt(v + eps) = sigma_B / r: the shared kernel normalizes, autograd sees r and d as constants.
         return mean - d * std / r, (std / r) ** 2 - self.eps

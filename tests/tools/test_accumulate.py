@@ -129,3 +129,19 @@ def test_ghost_layer_is_refused_before_any_layer_changes():
     with bnkit.accumulate(model, steps=2):
         model(torch.randn(8, 3))
     assert model[0].num_batches_tracked.item() == 1 and model[2].num_batches_tracked.item() == 0
+
+
+def test_batch_renorm_under_accumulate_updates_its_renorm_statistics_as_one_batch():
+    """renorm_mean/renorm_std (what r and d are measured against) fold the pooled micro-batches too:
+    they stayed at 0 and 1 under accumulate (r, d then measured against a fresh layer forever)."""
+    torch.manual_seed(0)
+    ours = bnkit.BatchRenorm1d(3, rmax=3.0, dmax=5.0, renorm_momentum=0.1).double()
+    one_batch = bnkit.BatchRenorm1d(3, rmax=3.0, dmax=5.0, renorm_momentum=0.1).double()
+    xs = [torch.randn(8, 3, dtype=torch.float64) * 2 + 1 for _ in range(2)]
+    with bnkit.accumulate(ours, steps=2):
+        for x in xs:
+            ours(x)
+    one_batch(torch.cat(xs))
+    for name, value in one_batch.state_dict().items():
+        torch.testing.assert_close(ours.state_dict()[name], value, rtol=0, atol=1e-15, msg=name)
+    assert not torch.equal(ours.renorm_mean, torch.zeros(3, dtype=torch.float64))
