@@ -125,6 +125,9 @@ def from_keras(weights, ndim: int | None = None, *, epsilon: float | None = None
     source = f"from_keras({type(weights).__name__} {getattr(weights, 'name', '')!r})" if settings else "from_keras"
     if settings:
         weights = weights.get_weights()
+        if not weights:  # the weights are created by build(); an empty list would be read as "4 expected, got 0"
+            raise ValueError(f"{source}: the layer has no weights yet (it is not built): call it on an input or "
+                             f"layer.build(input_shape) first")
     center = settings.get("center") if center is None else center
     scale = settings.get("scale") if scale is None else scale
     named, center, scale = _named_weights(weights, center, scale)

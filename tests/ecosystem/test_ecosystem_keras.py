@@ -227,3 +227,9 @@ def test_real_keras_negative_variance_names_the_layer_and_activation_split(keras
     k_frozen.set_weights(weights)
     y_k = np.asarray(keras.ops.convert_to_numpy(k_frozen(x.movedim(1, -1).numpy(), training=True)))  # frozen
     np.testing.assert_allclose(y_k, frozen(x).movedim(1, -1).numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_real_keras_layer_not_built_yet_is_refused_as_such(keras):
+    with pytest.raises(ValueError, match=r"from_keras\(BatchNormalization 'bn3'\): the layer has no weights yet "
+                                         r"\(it is not built\)"):
+        bnkit.from_keras(keras.layers.BatchNormalization(name="bn3"))
