@@ -121,6 +121,7 @@ class Moments:
 
     @classmethod
     def zeros(cls, channels: int, dtype=torch.float32, device=None) -> "Moments":
+        """The moments of no values (count, mean and m2 all 0): the neutral element of :meth:`merge`."""
         z = torch.zeros(channels, dtype=dtype, device=device)
         return cls(z.clone(), z.clone(), z.clone())
 
@@ -135,5 +136,7 @@ class Moments:
         return Moments(n, mean, m2)
 
     def var(self, unbiased: bool = False) -> torch.Tensor:
+        """``m2 / count`` (biased) or ``m2 / (count - 1)`` (unbiased); 0 where that divisor is below 1
+        (no values, or one value with ``unbiased``), where torch's ``var`` would give NaN."""
         denom = self.count - 1 if unbiased else self.count
         return self.m2 / torch.clamp(denom, min=1)
