@@ -439,6 +439,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from rich.console import Console
     except ImportError:
+        try:  # `pip install bnkit` lacks the whole extra: the demo names every package it needs
+            if argv[:1] == ["demo"]:
+                _require_demo_extra()
+        except CLIError as e:
+            print(f"bnkit: error: {e}", file=sys.stderr)
+            return e.status
         print(f"bnkit: error: the bnkit command prints with rich, which is not installed: {DEMO_EXTRA}",
               file=sys.stderr)
         return 2
