@@ -401,9 +401,10 @@ def _parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", parents=[common], help="train a BN CNN on the bundled digits and show the pitfalls")
     d.add_argument("--out", default="bnkit-demo-report", help="report folder (default: ./bnkit-demo-report)")
-    d.add_argument("--force", action="store_true", help="replace the report folder if it exists")
-    d.add_argument("--quick", action="store_true", help="a few seconds instead of about a minute (for tests)")
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--force", action="store_true", help="write the report into the folder even if it exists "
+                   "(its own files are replaced, nothing else is deleted)")
+    d.add_argument("--quick", action="store_true", help="one seed and one epoch: a few seconds instead of about 20 (for tests)")
+    d.add_argument("--seed", type=int, default=0, help="the first of the seeds (default 0: seeds 0, 1, 2)")
     d.set_defaults(func=_demo)
 
     doc = sub.add_parser("doctor", parents=[common], help="diagnose the batch-norm layers of a saved model")
@@ -414,7 +415,7 @@ def _parser() -> argparse.ArgumentParser:
     src.add_argument("--data", help="torch.save'd input tensor (N, ...) or (inputs, targets) pair")
     src.add_argument("--demo-data", action="store_true", help="use the bundled digits images (N, 1, 8, 8)")
     doc.add_argument("--out", help="also write the report folder (HTML + PNG) here")
-    doc.add_argument("--force", action="store_true", help="replace --out if it exists")
+    doc.add_argument("--force", action="store_true", help="write into --out even if it exists (its own files are replaced, nothing else is deleted)")
     doc.add_argument("--batch-size", type=_positive_int, default=64)
     doc.add_argument("--num-batches", type=_positive_int, default=50)
     doc.add_argument("--mode", choices=("precise", "eval_consistent"), default="precise",
@@ -438,6 +439,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from rich.console import Console
     except ImportError:
+        try:  # `pip install bnkit` lacks the whole extra: the demo names every package it needs
+            if argv[:1] == ["demo"]:
+                _require_demo_extra()
+        except CLIError as e:
+            print(f"bnkit: error: {e}", file=sys.stderr)
+            return e.status
         print(f"bnkit: error: the bnkit command prints with rich, which is not installed: {DEMO_EXTRA}",
               file=sys.stderr)
         return 2

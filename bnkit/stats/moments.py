@@ -113,13 +113,15 @@ class Moments:
             if mask is not None:
                 mean, var, count = masked_moments(x, mask)
                 return cls(count, mean, var * count)
+            n = x.numel() // x.shape[1] if x.dim() > 1 and x.shape[1] else 0
+            if n == 0 and x.dim() > 1:  # var_mean of no values is NaN, which a merge would spread to the other side
+                return cls.zeros(x.shape[1], accumulation_dtype(x.dtype), x.device)
             mean, var = batch_moments(x)
-        n = x.numel() // x.shape[1] if x.dim() > 1 and x.shape[1] else 0
-        count = torch.full_like(mean, float(n))
-        return cls(count, mean, var * n)
+        return cls(torch.full_like(mean, float(n)), mean, var * n)
 
     @classmethod
     def zeros(cls, channels: int, dtype=torch.float32, device=None) -> "Moments":
+        """The moments of no values (count, mean and m2 all 0): the neutral element of :meth:`merge`."""
         z = torch.zeros(channels, dtype=dtype, device=device)
         return cls(z.clone(), z.clone(), z.clone())
 
@@ -129,9 +131,12 @@ class Moments:
         safe_n = torch.where(n > 0, n, torch.ones_like(n))
         delta = other.mean - self.mean
         mean = self.mean + delta * (other.count / safe_n)
-        m2 = self.m2 + other.m2 + delta * delta * (self.count * other.count / safe_n)
+        # count * (count / n), not (count * count) / n: the product of two large counts overflows
+        m2 = self.m2 + other.m2 + delta * delta * (self.count * (other.count / safe_n))
         return Moments(n, mean, m2)
 
     def var(self, unbiased: bool = False) -> torch.Tensor:
+        """``m2 / count`` (biased) or ``m2 / (count - 1)`` (unbiased); 0 where that divisor is below 1
+        (no values, or one value with ``unbiased``), where torch's ``var`` would give NaN."""
         denom = self.count - 1 if unbiased else self.count
         return self.m2 / torch.clamp(denom, min=1)

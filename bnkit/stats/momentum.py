@@ -184,7 +184,9 @@ def describe(momentum: float | None, convention: str, schedule) -> str:
     if convention == "decay" and momentum is not None:
         return repr(Decay(convert(momentum, "momentum", "decay")))
     if convention == "half_life" and momentum is not None:
-        return f"HalfLife({convert(momentum, 'momentum', 'half_life'):.6g})"
+        half_life = convert(momentum, "momentum", "half_life")
+        if 0 < half_life < math.inf:  # momentum 1 or 0 (HalfLife(1e-9), HalfLife(inf)) is written as the number
+            return f"HalfLife({half_life:.12g})"  # 12 digits: HalfLife(1/3) rebuilds, 9.999999999999998 reads 10
     return repr(momentum)
 
 

@@ -125,6 +125,9 @@ def from_keras(weights, ndim: int | None = None, *, epsilon: float | None = None
     source = f"from_keras({type(weights).__name__} {getattr(weights, 'name', '')!r})" if settings else "from_keras"
     if settings:
         weights = weights.get_weights()
+        if not weights:  # the weights are created by build(); an empty list would be read as "4 expected, got 0"
+            raise ValueError(f"{source}: the layer has no weights yet (it is not built): call it on an input or "
+                             f"layer.build(input_shape) first")
     center = settings.get("center") if center is None else center
     scale = settings.get("scale") if scale is None else scale
     named, center, scale = _named_weights(weights, center, scale)
@@ -161,6 +164,14 @@ def from_keras(weights, ndim: int | None = None, *, epsilon: float | None = None
     return layer
 
 
+def _fixed_at(param, value: float) -> bool:
+    """Whether an affine parameter is absent, or a non-trainable Parameter holding only ``value``: how
+    :func:`from_keras` builds a Keras layer's missing gamma (1) or beta (0), so ``center``/``scale`` come back."""
+    if param is None:
+        return True
+    return isinstance(param, torch.nn.Parameter) and not param.requires_grad and bool((param == value).all())
+
+
 def _keras_activation(layer) -> str:
     """The Keras layer that applies ``layer``'s fused activation, as code."""
     if layer.activation == "leaky_relu":
@@ -174,8 +185,11 @@ def to_keras(layer: BatchNormBase | FrozenBatchNorm | torch.nn.modules.batchnorm
 
     ``weights`` is the float32 NumPy list in ``get_weights()`` order (gamma only with ``scale``, beta
     only with ``center``); ``config`` holds ``epsilon``, ``momentum`` (Keras's convention, ``1 - torch
-    momentum``), ``center`` (the layer has a bias) and ``scale`` (it has a weight). The channel axis is
-    left to the caller (Keras's default -1 is channels last). The running variance is copied as it is:
+    momentum``), ``center`` (the layer has a bias) and ``scale`` (it has a weight); a bias Parameter
+    fixed at 0 / a weight fixed at 1 (``requires_grad=False``, as :func:`from_keras` builds Keras's
+    ``center=False`` / ``scale=False``) counts as absent, so a Keras layer's config survives the round
+    trip. The channel axis is left to the caller (Keras's default -1 is channels last). The running
+    variance is copied as it is:
     torch's unbiased estimate and Keras's biased one estimate the same population variance. A momentum
     schedule is not carried over (its base momentum is). A ``FrozenBatchNorm*d`` gives
     ``trainable=False`` (Keras then always uses the moving statistics) and Keras's default momentum.
@@ -203,7 +217,7 @@ def to_keras(layer: BatchNormBase | FrozenBatchNorm | torch.nn.modules.batchnorm
         raise ValueError(f"{name}: activation={activation!r} is applied after the batch norm, and Keras's "
                          f"BatchNormalization has none; pass split_activation=True and put "
                          f"{_keras_activation(layer)} after the Keras layer")
-    scale, center = layer.weight is not None, layer.bias is not None
+    scale, center = not _fixed_at(layer.weight, 1.0), not _fixed_at(layer.bias, 0.0)
     tensors = [t for t, on in ((layer.weight, scale), (layer.bias, center)) if on]
     weights = [t.detach().cpu().float().numpy() for t in tensors + [layer.running_mean, layer.running_var]]
     config = {"epsilon": float(layer.eps), "momentum": 0.99 if frozen else round(1.0 - layer.momentum, 15),

@@ -103,3 +103,13 @@ def test_named_schedule_on_layer_and_errors():
         Schedule("exp")
     with pytest.raises(TypeError, match=r"BatchNorm1d\(2\): momentum='cosine': .*Schedule\('cosine', total_steps"):
         bnkit.BatchNorm1d(2, momentum="cosine")
+
+
+@pytest.mark.parametrize("value", [Decay(0.99), Decay(0.0), HalfLife(10), HalfLife(1 / 3), HalfLife(6.579),
+                                   HalfLife(0.1), HalfLife(1e-9), HalfLife(math.inf)])
+def test_the_layer_repr_rebuilds_its_momentum(value):
+    """The momentum= in a layer's repr, evaluated, builds a layer with the same torch momentum."""
+    layer = bnkit.BatchNorm2d(2, momentum=value)
+    written = repr(layer).split("momentum=")[1].split(", affine")[0]
+    rebuilt = bnkit.BatchNorm2d(2, momentum=eval(written, {"Decay": Decay, "HalfLife": HalfLife}))
+    assert rebuilt.momentum == pytest.approx(layer.momentum, rel=1e-11, abs=0)

@@ -227,3 +227,23 @@ def test_real_keras_negative_variance_names_the_layer_and_activation_split(keras
     k_frozen.set_weights(weights)
     y_k = np.asarray(keras.ops.convert_to_numpy(k_frozen(x.movedim(1, -1).numpy(), training=True)))  # frozen
     np.testing.assert_allclose(y_k, frozen(x).movedim(1, -1).numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_real_keras_layer_not_built_yet_is_refused_as_such(keras):
+    with pytest.raises(ValueError, match=r"from_keras\(BatchNormalization 'bn3'\): the layer has no weights yet "
+                                         r"\(it is not built\)"):
+        bnkit.from_keras(keras.layers.BatchNormalization(name="bn3"))
+
+
+@pytest.mark.parametrize("center,scale", [(True, False), (False, True), (False, False)])
+def test_from_keras_then_to_keras_keeps_center_and_scale(center, scale):
+    rng = np.random.default_rng(1)
+    gamma, beta, mean, var = _random_weights(3, rng)
+    weights = [w for w, on in ((gamma, scale), (beta, center), (mean, True), (var, True)) if on]
+    back, config = bnkit.to_keras(bnkit.from_keras(weights, ndim=4, center=center, scale=scale))
+    assert (config["center"], config["scale"]) == (center, scale)
+    for got, want in zip(back, weights):
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+    frozen_torch = torch.nn.BatchNorm2d(3)  # a trainable bias of zeros is a bias: only a fixed one is absent
+    frozen_torch.weight.requires_grad_(False)
+    assert [bnkit.to_keras(frozen_torch)[1][k] for k in ("center", "scale")] == [True, False]

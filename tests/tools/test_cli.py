@@ -112,6 +112,10 @@ def test_demo_without_the_demo_extra_says_how_to_install_it(capsys, monkeypatch,
     monkeypatch.setitem(sys.modules, "rich", None)
     monkeypatch.setitem(sys.modules, "rich.console", None)
     _one_line_error(*run(capsys, "demo")[::2], "rich", 'pip install "bnkit[demo]"')
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # none of the extra: the line the README quotes
+    rc, _, err = run(capsys, "demo")
+    assert (rc, err) == (2, 'bnkit: error: bnkit demo needs scikit-learn, matplotlib, rich, which are not '
+                            'installed: pip install "bnkit[demo]"\n')
 
 
 def test_the_layer_library_works_without_the_demo_extra():
