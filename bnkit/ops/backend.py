@@ -16,7 +16,8 @@ read when no backend was set in code):
   interpreter, slowly: that is how the kernels are tested without a GPU.
 
 float64 input, empty input and layer features the kernels do not cover (ghost, sync, renorm, ...)
-stay on the torch path whatever the backend.
+stay on the torch path whatever the backend. The kernels differentiate once: a second derivative
+through them (a loss on gradients taken with ``create_graph=True``) raises; the torch path has it.
 """
 from __future__ import annotations
 

@@ -605,3 +605,34 @@ def test_auto_reads_the_table_only_on_the_gpu_kind_it_was_measured_on(monkeypatc
         assert backend.measured_here(0) and not backend.measured_here(1)
     finally:
         backend.measured_here.cache_clear()
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_double_backward_is_refused_not_silently_zero(interpreter, training):
+    # A gradient penalty (create_graph=True, then a loss on dx) needs the derivative of the backward.
+    # The kernels' backward is not differentiable: dx came back as a constant, so the penalty's share
+    # of weight.grad was silently dropped (weight.grad 5.8 instead of torch's 12244 on a 4x3x2x2 batch).
+    # Refused at the second backward instead; the torch path differentiates twice.
+    ours, theirs = _pair(bnkit.BatchNorm2d, 3, activation="silu")
+    ours.train(training), theirs.train(training)
+    x0 = torch.randn(4, 3, 2, 2)
+    weights = torch.arange(x0.numel(), dtype=torch.float32).view_as(x0)
+
+    def penalized(layer, name, penalty=True):
+        backend.set_backend(name)
+        try:
+            x = x0.clone().requires_grad_()
+            y = layer(x)
+            dx, dw = torch.autograd.grad((y * weights).sum(), (x, layer.weight), create_graph=True)
+            if penalty:
+                (y.sum() + dx.pow(2).sum()).backward()
+        finally:
+            backend.set_backend(None)
+        return dx.detach(), dw.detach(), layer.weight.grad
+
+    assert penalized(theirs, "torch")[2].abs().max() > 100  # the penalty dominates: a dropped term is visible
+    with pytest.raises(RuntimeError, match=r"cannot differentiate twice .*set_backend\(.torch.\)"):
+        penalized(ours, "triton")
+    # create_graph=True alone, the gradients used as values: as before
+    for a, b in zip(penalized(ours, "triton", False)[:2], penalized(theirs, "torch", False)[:2]):
+        _close(a, b, 1e-5)

@@ -63,7 +63,26 @@ def _(dy, saved, mean, var, weight, bias, eps, training, activation, negative_sl
 def _backward(dy, saved, mean, var, weight, bias, *config):
     run = _backward_op if torch.compiler.is_compiling() else launch.backward
     dx, dgamma, dbeta = run(dy, saved, mean, var, weight, bias, *config)
-    return dx, _as_param_grad(dgamma, weight), _as_param_grad(dbeta, bias)
+    grads = dx, _as_param_grad(dgamma, weight), _as_param_grad(dbeta, bias)
+    # create_graph=True: the kernels' gradients are constants to autograd, so a loss on them (a gradient
+    # penalty) would silently lose its share of the second derivative: make differentiating them fail
+    inputs = [t for t in (dy, saved, weight, bias) if t is not None and t.requires_grad]
+    if torch.is_grad_enabled() and inputs:
+        grads = tuple(None if g is None else _NoSecondDerivative.apply(g, *inputs) for g in grads)
+    return grads
+
+
+class _NoSecondDerivative(torch.autograd.Function):
+    """``grad`` itself, attached to the tensors it was computed from; differentiating it is an error."""
+
+    @staticmethod
+    def forward(ctx, grad, *inputs):
+        return grad.view_as(grad)
+
+    @staticmethod
+    def backward(ctx, _):
+        raise RuntimeError("bnkit's Triton batch-norm kernels cannot differentiate twice (a loss on gradients "
+                           "taken with create_graph=True); run this model with bnkit.set_backend('torch')")
 
 
 def _as_param_grad(grad: Tensor, param: Tensor | None) -> Tensor | None:
