@@ -655,3 +655,21 @@ def test_memory_efficient_with_a_zero_weight_entry(interpreter):
         return
     for a, b in zip(got, _run(theirs, x, dy, "torch")):
         _close(a, b, 1e-5)
+
+
+@pytest.mark.parametrize("change", [{"activation": "relu"}, {"activation": "silu"}, {"negative_slope": 0.0}],
+                         ids=["relu", "silu", "slope 0"])
+def test_memory_efficient_refuses_an_activation_set_after_it(interpreter, change):
+    # memory_efficient is checked when it is set; the activation attributes can change afterwards. The
+    # kernels then rebuilt xhat from a relu/silu output as if it were invertible: dx off by 0.5 on a
+    # 4x3x2x2 batch, silently (slope 0: a division by 0).
+    bn = bnkit.BatchNorm2d(3, activation="leaky_relu")
+    bn.memory_efficient = True
+    for name, value in change.items():
+        setattr(bn, name, value)
+    backend.set_backend("triton")
+    try:
+        with pytest.raises(ValueError, match="memory_efficient=True .* invertible"):
+            bn(torch.randn(4, 3, 2, 2, requires_grad=True))
+    finally:
+        backend.set_backend(None)

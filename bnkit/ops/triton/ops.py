@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ..activations import check_memory_efficient
 from . import launch
 
 __all__ = ["train_forward", "eval_forward"]
@@ -138,6 +139,8 @@ def train_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: fl
     the caller's: nothing else is read or written, and nothing is read back to the host.
     """
     if _needs_grad(x, weight, bias):
+        if save_output:  # checked here too: a layer's activation attributes can change after memory_efficient
+            check_memory_efficient("bnkit Triton train_forward(save_output=True)", True, activation, negative_slope)
         return _TrainForward.apply(x, weight, bias, eps, activation, negative_slope, save_output)
     run = _train_forward_op if torch.compiler.is_compiling() else launch.train_forward
     return run(x, weight, bias, eps, activation, negative_slope)
