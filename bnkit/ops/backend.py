@@ -5,8 +5,8 @@ read when no backend was set in code):
 
 * ``"auto"`` (default): the Triton kernels for a CUDA tensor only where a measured table shipped with
   bnkit (:mod:`bnkit.ops.kernel_table`: device, date, command, rows) says they beat torch's own
-  kernel by at least 10% (large NCHW training, large eval) on a GPU of the capability it was
-  measured on, or when the layer asks for
+  kernel by at least 10% (large NCHW training, large channels_last bfloat16 training with at most 64
+  channels, large eval) on a GPU of the capability it was measured on, or when the layer asks for
   ``memory_efficient=True`` in training (only the kernels can free the input); torch's path otherwise,
   and always for CPU tensors. The decision is cached per shape, strides and dtype and reads nothing
   from the device.
