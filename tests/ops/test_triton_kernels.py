@@ -673,3 +673,26 @@ def test_memory_efficient_refuses_an_activation_set_after_it(interpreter, change
             bn(torch.randn(4, 3, 2, 2, requires_grad=True))
     finally:
         backend.set_backend(None)
+
+
+@pytest.mark.parametrize("view", ["every other", "expanded"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_parameters_and_running_statistics_that_are_not_contiguous(interpreter, view, training):
+    # The kernels read weight, bias and the running statistics at W + c: a strided or expanded tensor
+    # (a parameter sliced from a larger one, one shared scale expanded over the channels) gave other
+    # channels' values, silently (y off by 2.1 on a 4x3x2x2 batch); torch's kernel follows the strides.
+    make = {"every other": lambda t: t.repeat_interleave(2)[::2], "expanded": lambda t: t[:1].expand(3)}[view]
+    values = [torch.rand(3) + 0.5, torch.randn(3), torch.randn(3), torch.rand(3) + 0.5]
+    layers = []
+    for _ in range(2):
+        bn = bnkit.BatchNorm2d(3, activation="silu")
+        bn.weight, bn.bias = (torch.nn.Parameter(make(v.clone())) for v in values[:2])
+        bn.running_mean, bn.running_var = (make(v.clone()) for v in values[2:])
+        assert not bn.weight.is_contiguous() and not bn.running_var.is_contiguous()
+        layers.append(bn.train(training))
+    if view == "expanded" and training:  # the running update writes in place: no expanded buffers
+        for bn in layers:
+            bn.running_mean, bn.running_var = (v.clone() for v in values[2:])
+    x, dy = torch.randn(4, 3, 2, 2), torch.randn(4, 3, 2, 2)
+    for a, b in zip(_run(layers[0], x, dy, "triton"), _run(layers[1], x, dy, "torch")):
+        _close(a, b, 1e-5)
