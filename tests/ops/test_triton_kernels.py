@@ -626,6 +626,8 @@ def test_double_backward_is_refused_not_silently_zero(interpreter, training):
             dx, dw = torch.autograd.grad((y * weights).sum(), (x, layer.weight), create_graph=True)
             if penalty:
                 (y.sum() + dx.pow(2).sum()).backward()
+            else:
+                dx.mul_(1.0)  # an ordinary tensor: in place is allowed
         finally:
             backend.set_backend(None)
         return dx.detach(), dw.detach(), layer.weight.grad

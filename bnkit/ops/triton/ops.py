@@ -78,7 +78,7 @@ class _NoSecondDerivative(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, grad, *inputs):
-        return grad.view_as(grad)
+        return grad.clone()  # not a view: autograd forbids in-place changes to a Function's views of its inputs
 
     @staticmethod
     def backward(ctx, _):
