@@ -57,4 +57,7 @@ def apply_activation(y: torch.Tensor, activation: str, negative_slope: float = 0
         return F.leaky_relu(y, negative_slope)
     if activation == "silu":
         return F.silu(y)
-    return y
+    if activation == "identity":
+        return y
+    # a layer's activation attribute set after construction reaches here unchecked: never run it as identity
+    raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")

@@ -5,8 +5,8 @@ read when no backend was set in code):
 
 * ``"auto"`` (default): the Triton kernels for a CUDA tensor only where a measured table shipped with
   bnkit (:mod:`bnkit.ops.kernel_table`: device, date, command, rows) says they beat torch's own
-  kernel by at least 10% (large NCHW training, large eval) on a GPU of the capability it was
-  measured on, or when the layer asks for
+  kernel by at least 10% (large NCHW training, large channels_last bfloat16 training with at most 64
+  channels, large eval) on a GPU of the capability it was measured on, or when the layer asks for
   ``memory_efficient=True`` in training (only the kernels can free the input); torch's path otherwise,
   and always for CPU tensors. The decision is cached per shape, strides and dtype and reads nothing
   from the device.
@@ -16,7 +16,8 @@ read when no backend was set in code):
   interpreter, slowly: that is how the kernels are tested without a GPU.
 
 float64 input, empty input and layer features the kernels do not cover (ghost, sync, renorm, ...)
-stay on the torch path whatever the backend.
+stay on the torch path whatever the backend. The kernels differentiate once: a second derivative
+through them (a loss on gradients taken with ``create_graph=True``) raises; the torch path has it.
 """
 from __future__ import annotations
 

@@ -205,6 +205,12 @@ def _device_ctx(x: torch.Tensor):
     return contextlib.nullcontext()
 
 
+def _dense_vectors(*vectors):
+    """The per-channel tensors as the kernels read them (element ``c`` at ``base + c``): a strided or
+    expanded one (a parameter sliced from a larger one) is copied; contiguous ones pass as they are."""
+    return tuple(None if v is None else v.contiguous() for v in vectors)
+
+
 def _f32(n: int, x: torch.Tensor) -> torch.Tensor:
     return torch.empty(n, dtype=torch.float32, device=x.device)
 
@@ -215,6 +221,7 @@ def train_forward(x, weight, bias, eps: float, activation: str, negative_slope: 
     Returns ``(y, mean, biased var)``; the statistics are fp32 ``(C,)``. Nothing else is written.
     """
     x, _, p = prepare(x)
+    weight, bias = _dense_vectors(weight, bias)
     C = p.C
     mean, var = _f32(C, x), _f32(C, x)  # returned: must not alias each other
     cnt_p, mean_p, m2_p = (mean,) * 3 if p.stats == OWN else \
@@ -249,6 +256,7 @@ def _normalize(x, y, mean, var, weight, bias, p: Plan, key, eps, activation, neg
 def eval_forward(x, mean, var, weight, bias, eps: float, activation: str, negative_slope: float):
     """``act((x - mean) / sqrt(var + eps) * weight + bias)`` with given (running) statistics."""
     x, _, p = prepare(x)
+    mean, var, weight, bias = _dense_vectors(mean, var, weight, bias)
     y = torch.empty_like(x)
     with _device_ctx(x):
         _normalize(x, y, mean, var, weight, bias, p, (p.key, _signature(x, mean, var, weight, bias)), eps, activation,
@@ -264,6 +272,7 @@ def backward(dy, saved, mean, var, weight, bias, eps: float, training: bool, act
     running variance in eval). With ``training`` they are the batch's and dx carries their gradient.
     """
     saved, dy, p = prepare(saved, dy)
+    mean, var, weight, bias = _dense_vectors(mean, var, weight, bias)
     C = p.C
     dbeta, dgamma = _f32(C, saved), _f32(C, saved)  # returned: must not alias each other
     sg_p, sgx_p = (dbeta, dbeta) if p.stats == OWN else \

@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ..activations import check_memory_efficient
 from . import launch
 
 __all__ = ["train_forward", "eval_forward"]
@@ -63,7 +64,26 @@ def _(dy, saved, mean, var, weight, bias, eps, training, activation, negative_sl
 def _backward(dy, saved, mean, var, weight, bias, *config):
     run = _backward_op if torch.compiler.is_compiling() else launch.backward
     dx, dgamma, dbeta = run(dy, saved, mean, var, weight, bias, *config)
-    return dx, _as_param_grad(dgamma, weight), _as_param_grad(dbeta, bias)
+    grads = dx, _as_param_grad(dgamma, weight), _as_param_grad(dbeta, bias)
+    # create_graph=True: the kernels' gradients are constants to autograd, so a loss on them (a gradient
+    # penalty) would silently lose its share of the second derivative: make differentiating them fail
+    inputs = [t for t in (dy, saved, weight, bias) if t is not None and t.requires_grad]
+    if torch.is_grad_enabled() and inputs:
+        grads = tuple(None if g is None else _NoSecondDerivative.apply(g, *inputs) for g in grads)
+    return grads
+
+
+class _NoSecondDerivative(torch.autograd.Function):
+    """``grad`` itself, attached to the tensors it was computed from; differentiating it is an error."""
+
+    @staticmethod
+    def forward(ctx, grad, *inputs):
+        return grad.clone()  # not a view: autograd forbids in-place changes to a Function's views of its inputs
+
+    @staticmethod
+    def backward(ctx, _):
+        raise RuntimeError("bnkit's Triton batch-norm kernels cannot differentiate twice (a loss on gradients "
+                           "taken with create_graph=True); run this model with bnkit.set_backend('torch')")
 
 
 def _as_param_grad(grad: Tensor, param: Tensor | None) -> Tensor | None:
@@ -119,6 +139,8 @@ def train_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: fl
     the caller's: nothing else is read or written, and nothing is read back to the host.
     """
     if _needs_grad(x, weight, bias):
+        if save_output:  # checked here too: a layer's activation attributes can change after memory_efficient
+            check_memory_efficient("bnkit Triton train_forward(save_output=True)", True, activation, negative_slope)
         return _TrainForward.apply(x, weight, bias, eps, activation, negative_slope, save_output)
     run = _train_forward_op if torch.compiler.is_compiling() else launch.train_forward
     return run(x, weight, bias, eps, activation, negative_slope)
