@@ -475,10 +475,6 @@ class BatchNormBase(_TorchBatchNorm):
         if skipped.device != running_mean.device and keep is not None:  # DataParallel replicas, unpickled layers
             skipped = _skip_counter(running_mean.device, None if skipped.is_meta else skipped)
             self._nonfinite_skipped = skipped
-        if torch._C._are_functorch_transforms_active():
-            # torch.func: the counter is no buffer (vmap's ensembling gives it no per-model copy) and a transform
-            # refuses in-place updates of a captured tensor; skipped batches show in num_batches_tracked (README)
-            skipped = None
         commit(running_mean, buffers["running_var"], buffers.get("num_batches_tracked"), new_mean, new_var, keep,
                skipped, skip)
         return keep

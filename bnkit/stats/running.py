@@ -145,7 +145,8 @@ def commit(running_mean: torch.Tensor, running_var: torch.Tensor, num_batches_tr
            new_var: torch.Tensor, keep: torch.Tensor | None, skipped: torch.Tensor | None = None,
            skip: torch.Tensor | None = None) -> None:
     """In place, the one place buffers change: take ``(new_mean, new_var)`` where ``keep`` (all when None),
-    count the kept batch in ``num_batches_tracked`` and a skipped one in ``skipped``. ``skip``: ``~keep``
+    count the kept batch in ``num_batches_tracked`` and a skipped one in ``skipped`` (not under
+    ``torch.func`` transforms, where it cannot be: see below). ``skip``: ``~keep``
     as the float flag of :func:`nonfinite_flag`, when the caller has it (spares a dispatch; ``skipped``
     is then a float counter). The new values must not require grad (callers detach): no ``no_grad``
     context here, it costs as much as a dispatch."""
@@ -158,6 +159,9 @@ def commit(running_mean: torch.Tensor, running_var: torch.Tensor, num_batches_tr
     if torch._C._are_functorch_transforms_active():  # torch.func: where(out=) has no batching rule
         running_mean.copy_(torch.where(keep, new_mean, running_mean))
         running_var.copy_(torch.where(keep, new_var, running_var))
+        # the counter is no buffer (vmap's ensembling gives it no per-model copy) and a transform refuses
+        # in-place updates of a captured tensor: not counted; num_batches_tracked shows the skips (README)
+        skipped = None
     else:
         torch.where(keep, new_mean, running_mean, out=running_mean)
         torch.where(keep, new_var, running_var, out=running_var)
